@@ -1,1 +1,4 @@
-//! Device models.
+//! Device models: port/MMIO bus dispatch, legacy platform devices, PCI.
+
+pub mod bus;
+pub mod legacy;
