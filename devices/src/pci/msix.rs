@@ -15,7 +15,7 @@ use std::sync::Arc;
 use iommu::{MsiMessage, MsiSink, RequesterId};
 
 use super::capability::{Capability, cap_id};
-use super::config::ConfigSpace;
+use super::config::{COMMAND, COMMAND_MASTER, ConfigSpace};
 use super::{PciError, le_store, le_value};
 
 /// Size of one table entry.
@@ -90,6 +90,9 @@ pub enum MsixTriggerResult {
     InvalidVector,
     /// The sink refused the message (logged).
     DeliveryFailed,
+    /// Bus Master Enable is clear: the function may not issue the memory write (PCIe Base Spec
+    /// r6.0, 7.5.1.1.3), the message is dropped.
+    BusMasterDisabled,
 }
 
 /// MSI-X vector table and Pending Bit Array.
@@ -98,6 +101,7 @@ pub struct MsixTable {
     pba: Vec<u64>,
     enabled: bool,
     function_mask: bool,
+    bus_master: bool,
     sink: Arc<dyn MsiSink>,
     requester_id: RequesterId,
 }
@@ -125,7 +129,8 @@ fn access_ok(offset: u64, len: usize, size: u64) -> bool {
 }
 
 impl MsixTable {
-    /// A table of `num_vectors` (clamped to 1..=2048) masked entries.
+    /// A table of `num_vectors` (clamped to 1..=2048) masked entries, disabled, with Bus Master
+    /// Enable clear.
     pub fn new(num_vectors: u16, sink: Arc<dyn MsiSink>, requester_id: RequesterId) -> Self {
         let n = usize::from(num_vectors.clamp(1, MAX_VECTORS));
         MsixTable {
@@ -133,6 +138,7 @@ impl MsixTable {
             pba: vec![0; n.div_ceil(64)],
             enabled: false,
             function_mask: false,
+            bus_master: false,
             sink,
             requester_id,
         }
@@ -241,6 +247,18 @@ impl MsixTable {
         }
     }
 
+    /// Tracks the function's Bus Master Enable. Setting it delivers pending, unmasked vectors
+    /// (they could not be sent while it was clear).
+    pub fn set_bus_master(&mut self, enabled: bool) {
+        let rising = enabled && !self.bus_master;
+        self.bus_master = enabled;
+        if rising {
+            for v in 0..self.entries.len() {
+                self.deliver_if_pending(v);
+            }
+        }
+    }
+
     /// Signals `vector`.
     pub fn trigger(&mut self, vector: u16) -> MsixTriggerResult {
         let v = usize::from(vector);
@@ -255,6 +273,13 @@ impl MsixTable {
             self.pba[v / 64] |= 1 << (v % 64);
             return MsixTriggerResult::Pending;
         }
+        if !self.bus_master {
+            log::debug!(
+                "{}: MSI-X vector {v} dropped, bus mastering disabled",
+                self.requester_id
+            );
+            return MsixTriggerResult::BusMasterDisabled;
+        }
         self.send(v)
     }
 
@@ -264,11 +289,13 @@ impl MsixTable {
         self.pba.fill(0);
         self.enabled = false;
         self.function_mask = false;
+        self.bus_master = false;
     }
 
     fn deliver_if_pending(&mut self, v: usize) {
         let bit = 1u64 << (v % 64);
         if self.enabled
+            && self.bus_master
             && !self.function_mask
             && !self.entries[v].masked()
             && self.pba[v / 64] & bit != 0
@@ -373,6 +400,8 @@ impl MsixCapability {
             .set_u32(4, layout.table_offset | u32::from(layout.table_bar & 7))
             .set_u32(8, layout.pba_offset | u32::from(layout.pba_bar & 7));
         let cap_offset = u16::from(config.add_capability(&cap)?);
+        let mut table = table;
+        table.set_bus_master(config.bus_master_enabled());
         Ok(MsixCapability {
             cap_offset,
             layout,
@@ -401,11 +430,17 @@ impl MsixCapability {
     }
 
     /// Call after every config write the function accepted: picks up MSI-X Enable / Function
-    /// Mask changes from Message Control.
+    /// Mask changes from Message Control and Bus Master Enable from the Command register.
     pub fn config_written(&mut self, config: &ConfigSpace, offset: u16, len: usize) {
+        let overlaps = |reg: u16| {
+            u32::from(offset) < u32::from(reg) + 2
+                && u32::from(offset) + len as u32 > u32::from(reg)
+        };
+        if overlaps(COMMAND) {
+            self.table.set_bus_master(config.bus_master_enabled());
+        }
         let ctl = self.cap_offset + 2;
-        let end = u32::from(offset) + len as u32;
-        if u32::from(offset) < u32::from(ctl) + 2 && end > u32::from(ctl) {
+        if overlaps(ctl) {
             let v = config.read_u16(ctl);
             self.table
                 .set_control(v & CONTROL_ENABLE != 0, v & CONTROL_FUNCTION_MASK != 0);
@@ -488,7 +523,10 @@ mod tests {
             pba_bar: 4,
             pba_offset: 0x2000,
         };
-        let m = MsixCapability::new(&mut c, layout, sink.clone(), RID).unwrap();
+        let mut m = MsixCapability::new(&mut c, layout, sink.clone(), RID).unwrap();
+        assert!(!m.table().bus_master);
+        c.write(COMMAND, &COMMAND_MASTER.to_le_bytes());
+        m.config_written(&c, COMMAND, 2);
         (c, m, sink)
     }
 
@@ -664,6 +702,29 @@ mod tests {
         c.write(0x04, &[0x06, 0]);
         m.config_written(&c, 0x04, 2);
         assert!(!m.table().enabled());
+    }
+
+    #[test]
+    fn bus_master_disable_drops_messages() {
+        let (mut c, mut m, sink) = setup(2);
+        control(&mut c, &mut m, CONTROL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 7);
+        set_mask(&mut m, 0, false);
+        c.write(COMMAND, &[0, 0]);
+        m.config_written(&c, COMMAND, 2);
+        assert_eq!(m.trigger(0), MsixTriggerResult::BusMasterDisabled);
+        assert!(!m.table().is_pending(0));
+        // Masked vectors still latch pending and go out once bus mastering is back.
+        assert_eq!(m.trigger(1), MsixTriggerResult::Pending);
+        program(&mut m, 1, 0xfee0_0000, 8);
+        set_mask(&mut m, 1, false);
+        assert!(sink.is_empty());
+        assert!(m.table().is_pending(1));
+        // A dword write at 0x04 also covers COMMAND.
+        c.write(COMMAND, &u32::from(COMMAND_MASTER).to_le_bytes());
+        m.config_written(&c, COMMAND, 4);
+        assert_eq!(sink.take()[0].data, 8);
+        assert_eq!(m.trigger(0), MsixTriggerResult::Delivered);
     }
 
     #[test]

@@ -211,6 +211,9 @@ mod tests {
         p.bar_write(0, 12, &0u32.to_le_bytes());
         let ctl = p.msix.cap_offset() + 2;
         p.config_write(ctl, &0x8000u16.to_le_bytes());
+        assert_eq!(p.trigger(0), MsixTriggerResult::BusMasterDisabled);
+        // Linux's portdrv calls pci_set_master().
+        p.config_write(0x04, &0x0006u16.to_le_bytes());
         assert_eq!(p.trigger(0), MsixTriggerResult::Delivered);
         let m = sink.take();
         assert_eq!(m[0].data, 0x23);
