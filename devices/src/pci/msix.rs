@@ -15,7 +15,7 @@ use std::sync::Arc;
 use iommu::{MsiMessage, MsiSink, RequesterId};
 
 use super::capability::{Capability, cap_id};
-use super::config::{COMMAND, COMMAND_MASTER, ConfigSpace};
+use super::config::{COMMAND, ConfigSpace};
 use super::{PciError, le_store, le_value};
 
 /// Size of one table entry.
@@ -496,7 +496,7 @@ impl MsixCapability {
 mod tests {
     use super::super::BarKind;
     use super::super::capability::find_capability;
-    use super::super::config::{ConfigSpace, HeaderType, PciIds};
+    use super::super::config::{COMMAND_MASTER, ConfigSpace, HeaderType, PciIds};
     use super::*;
     use iommu::RecordingMsiSink;
 
