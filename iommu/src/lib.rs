@@ -19,7 +19,7 @@ pub use msi::{MsiError, MsiMessage, MsiSink, NullMsiSink, RecordingMsiSink};
 
 use std::fmt;
 
-/// A PCIe requester ID (PCIe Base Spec r6.0, 2.2.6.2): `bus[15:8] | device[7:3] | function[2:0]`.
+/// A PCIe requester ID (PCIe Base Spec r6.0, 2.2.6.2): `bus\[15:8\] | device\[7:3\] | function\[2:0\]`.
 ///
 /// This is the "source ID" VT-d uses to find a device's context entry, and the ID carried in MSI
 /// writes for interrupt remapping.
@@ -35,22 +35,22 @@ impl RequesterId {
         )
     }
 
-    /// Bus number, bits [15:8].
+    /// Bus number, bits \[15:8\].
     pub const fn bus(self) -> u8 {
         (self.0 >> 8) as u8
     }
 
-    /// Device number, bits [7:3].
+    /// Device number, bits \[7:3\].
     pub const fn device(self) -> u8 {
         ((self.0 >> 3) & 0x1f) as u8
     }
 
-    /// Function number, bits [2:0].
+    /// Function number, bits \[2:0\].
     pub const fn function(self) -> u8 {
         (self.0 & 0x7) as u8
     }
 
-    /// Combined device/function number (Linux `PCI_DEVFN`), bits [7:0].
+    /// Combined device/function number (Linux `PCI_DEVFN`), bits \[7:0\].
     pub const fn devfn(self) -> u8 {
         (self.0 & 0xff) as u8
     }

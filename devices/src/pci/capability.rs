@@ -190,7 +190,7 @@ impl DerefMut for Capability {
     }
 }
 
-/// A PCIe extended capability: dword 0 holds ID [15:0], version [19:16], next [31:20] (filled in
+/// A PCIe extended capability: dword 0 holds ID \[15:0\], version \[19:16\], next \[31:20\] (filled in
 /// when placed). Dereferences to [`CapRegs`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExtendedCapability {
@@ -220,7 +220,7 @@ impl ExtendedCapability {
     }
 
     /// A Designated Vendor-Specific Extended Capability (PCIe Base Spec r6.0, 7.9.6): DVSEC
-    /// header 1 at +4 (vendor [15:0], revision [19:16], length [31:20] = `len`, the whole
+    /// header 1 at +4 (vendor \[15:0\], revision \[19:16\], length \[31:20\] = `len`, the whole
     /// structure including headers), header 2 at +8 (DVSEC ID). The body starts at +0xA.
     /// CXL uses vendor 0x1E98.
     pub fn dvsec(vendor_id: u16, revision: u8, dvsec_id: u16, len: u16) -> Self {
@@ -235,7 +235,7 @@ impl ExtendedCapability {
     }
 
     /// A Vendor-Specific Extended Capability (PCIe Base Spec r6.0, 7.9.5): VSEC header at +4
-    /// (ID [15:0], revision [19:16], length [31:20] = `len`). The meaning is defined by the
+    /// (ID \[15:0\], revision \[19:16\], length \[31:20\] = `len`). The meaning is defined by the
     /// function's vendor ID.
     pub fn vsec(vsec_id: u16, revision: u8, len: u16) -> Self {
         let len = len.clamp(8, 0xfff);
@@ -262,7 +262,7 @@ impl DerefMut for ExtendedCapability {
 }
 
 /// PCI Power Management capability, version 3 (PCI Bus Power Management Interface Spec 1.2, 3.2):
-/// D0 and D3hot only, no PME, No_Soft_Reset = 1 (D3hot → D0 keeps state). PowerState [1:0] of
+/// D0 and D3hot only, no PME, No_Soft_Reset = 1 (D3hot → D0 keeps state). PowerState \[1:0\] of
 /// PMCSR is writable.
 pub fn power_management_capability() -> Capability {
     let mut cap = Capability::new(cap_id::POWER_MANAGEMENT, 8);

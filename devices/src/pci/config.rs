@@ -59,11 +59,11 @@ pub const SUBORDINATE_BUS: u16 = 0x1a;
 pub const IO_BASE: u16 = 0x1c;
 /// Type 1: secondary status.
 pub const SECONDARY_STATUS: u16 = 0x1e;
-/// Type 1: memory base ([15:4] = address[31:20]).
+/// Type 1: memory base (\[15:4\] = address\[31:20\]).
 pub const MEMORY_BASE: u16 = 0x20;
 /// Type 1: memory limit.
 pub const MEMORY_LIMIT: u16 = 0x22;
-/// Type 1: prefetchable memory base ([15:4] = address[31:20], [3:0] = 1: 64-bit).
+/// Type 1: prefetchable memory base (\[15:4\] = address\[31:20\], \[3:0\] = 1: 64-bit).
 pub const PREF_MEMORY_BASE: u16 = 0x24;
 /// Type 1: prefetchable memory limit.
 pub const PREF_MEMORY_LIMIT: u16 = 0x26;
@@ -123,7 +123,7 @@ pub struct PciIds {
     pub device_id: u16,
     /// Revision ID.
     pub revision_id: u8,
-    /// 24-bit class code: base class [23:16], sub-class [15:8], programming interface [7:0].
+    /// 24-bit class code: base class \[23:16\], sub-class \[15:8\], programming interface \[7:0\].
     pub class_code: u32,
     /// Subsystem vendor ID (type 0 only).
     pub subsystem_vendor_id: u16,

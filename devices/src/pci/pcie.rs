@@ -162,7 +162,7 @@ pub struct PcieCapabilityConfig {
     pub link_speed: LinkSpeed,
     /// Maximum and negotiated link width (1, 2, 4, 8, 12, 16, 32).
     pub link_width: u8,
-    /// Port Number (Link Capabilities [31:24]).
+    /// Port Number (Link Capabilities \[31:24\]).
     pub port_number: u8,
     /// MSI/MSI-X vector used for PME/hotplug/link events (Interrupt Message Number).
     pub interrupt_message_number: u8,

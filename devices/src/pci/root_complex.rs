@@ -1,7 +1,7 @@
 //! The PCIe root complex: topology, ECAM, type 1 forwarding, BAR dispatch and allocation.
 //!
-//! - **ECAM** (PCIe Base Spec r6.0, 7.2.2): offset in the window = bus[27:20] | device[19:15] |
-//!   function[14:12] | register[11:0]. Absent functions read all-ones (Unsupported Request on a
+//! - **ECAM** (PCIe Base Spec r6.0, 7.2.2): offset in the window = bus\[27:20\] | device\[19:15\] |
+//!   function\[14:12\] | register\[11:0\]. Absent functions read all-ones (Unsupported Request on a
 //!   config read completes with all-ones, as Linux expects in `pci_bus_read_dev_vendor_id`),
 //!   writes to them are dropped.
 //! - **Type 1 forwarding** (PCI-to-PCI Bridge Spec 1.2, 3.2.5.3): a request for bus N goes down
