@@ -19,7 +19,7 @@ pub use msi::{MsiError, MsiMessage, MsiSink, NullMsiSink, RecordingMsiSink};
 
 use std::fmt;
 
-/// A PCIe requester ID (PCIe Base Spec r6.0, 2.2.6.2): `bus\[15:8\] | device\[7:3\] | function\[2:0\]`.
+/// A PCIe requester ID (PCIe Base Spec r6.0, 2.2.6.2): `bus[15:8] | device[7:3] | function[2:0]`.
 ///
 /// This is the "source ID" VT-d uses to find a device's context entry, and the ID carried in MSI
 /// writes for interrupt remapping.
