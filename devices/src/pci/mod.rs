@@ -13,6 +13,34 @@
 //! - [`msix`]: MSI-X capability and table/PBA;
 //! - [`host_bridge`], [`root_port`]: the platform's fixed functions;
 //! - [`root_complex`]: topology, ECAM decode, type 1 forwarding, BAR dispatch and allocation.
+//!
+//! VMM wiring (host bridge at 00:00.0, root port at 00:01.0 with secondary bus 1):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use devices::pci::{
+//!     BridgeResources, HostBridge, PciAddress, PciRootComplex, PciWindows, RootPort,
+//!     RootPortConfig,
+//! };
+//!
+//! # fn main() -> Result<(), devices::pci::PciError> {
+//! let msi: Arc<dyn iommu::MsiSink> = Arc::new(iommu::NullMsiSink); // VMM: KVM_SIGNAL_MSI
+//! let mut rc = PciRootComplex::new(PciWindows::default())?;
+//! rc.add_device(PciAddress::new(0, 0, 0)?, Box::new(HostBridge::new()))?;
+//! let port = RootPort::new(RootPortConfig::new(1), msi.clone())?;
+//! let bus = rc.add_bridge(PciAddress::new(0, 1, 0)?, Box::new(port), BridgeResources::default())?;
+//! assert_eq!(bus, 1); // endpoints go at PciAddress::new(bus, 0, 0)
+//!
+//! // MMIO exit in 0xe000_0000..0xf000_0000: pass the offset into the ECAM window.
+//! let mut id = [0u8; 4];
+//! rc.ecam_read(0xe000_8000 - 0xe000_0000, &mut id); // 00:01.0, register 0
+//! assert_eq!(u32::from_le_bytes(id), 0x000c_1b36);
+//! // Any other MMIO exit: try the BARs; `false` means no BAR decodes it.
+//! let mut data = [0u8; 4];
+//! let _claimed = rc.mmio_read(0xc000_0000, &mut data);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod capability;
 pub mod config;

@@ -254,6 +254,18 @@ impl PciRootComplex {
         Some(self.nodes[n].device.as_mut())
     }
 
+    /// Addresses of every function, as currently numbered, with their names.
+    pub fn functions(&mut self) -> Vec<(PciAddress, String)> {
+        let mut v: Vec<(PciAddress, String)> = (0..self.nodes.len())
+            .map(|n| {
+                let name = self.nodes[n].device.name().to_string();
+                (self.node_address(n), name)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Forces the memory decode table to be rebuilt on the next access.
     pub fn invalidate_decode(&mut self) {
         self.decode = None;
@@ -856,6 +868,15 @@ mod tests {
     #[test]
     fn ecam_decoding_and_absent_functions() {
         let (mut rc, _) = platform();
+        let names: Vec<(PciAddress, String)> = rc.functions();
+        assert_eq!(
+            names,
+            vec![
+                (addr(0, 0, 0), "host-bridge".to_string()),
+                (addr(0, 1, 0), "root-port".to_string()),
+                (addr(1, 0, 0), "pci-function".to_string()),
+            ]
+        );
         assert_eq!(rd(&mut rc, ecam(0, 0, 0, 0), 4), 0x0008_1b36);
         assert_eq!(rd(&mut rc, ecam(0, 1, 0, 0), 4), 0x000c_1b36);
         assert_eq!(rd(&mut rc, ecam(1, 0, 0, 0), 4), 0x1234_1b36);
