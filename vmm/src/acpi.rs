@@ -1248,9 +1248,11 @@ mod tests {
         let mut mmio32 = 0xc000_0000u32.to_le_bytes().to_vec();
         mmio32.extend_from_slice(&0xdfff_ffffu32.to_le_bytes());
         assert!(contains(dsdt, &mmio32));
-        // QWordMemory 0x100_0000_0000..+64 GiB.
-        let mut mmio64 = 0x100_0000_0000u64.to_le_bytes().to_vec();
-        mmio64.extend_from_slice(&0x10f_ffff_ffffu64.to_le_bytes());
+        // QWordMemory over the 64-bit window.
+        let mut mmio64 = crate::layout::PCI_MMIO64_START.to_le_bytes().to_vec();
+        mmio64.extend_from_slice(
+            &(crate::layout::PCI_MMIO64_START + crate::layout::PCI_MMIO64_SIZE - 1).to_le_bytes(),
+        );
         assert!(contains(dsdt, &mmio64));
         // WordIO 0x0D00..0xFFFF.
         let mut io = 0x0d00u16.to_le_bytes().to_vec();

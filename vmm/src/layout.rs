@@ -9,7 +9,7 @@
 //! 0xfec0_0000                 IOAPIC
 //! 0xfee0_0000                 local APIC
 //! 0x1_0000_0000 ..            high RAM (the rest of guest memory)
-//! 0x100_0000_0000 ..          PCI MMIO64 window (64 GiB)
+//! 0x80_0000_0000 ..           PCI MMIO64 window (64 GiB; below 2^40 so 40-bit-PA CPUs reach it)
 //! ```
 
 /// Boot parameters ("zero page") for the bzImage boot protocol.
@@ -57,7 +57,7 @@ pub const APIC_START: u64 = 0xfee0_0000;
 /// Start of RAM above the 32-bit hole.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// PCI 64-bit MMIO window for BARs.
-pub const PCI_MMIO64_START: u64 = 0x100_0000_0000;
+pub const PCI_MMIO64_START: u64 = 0x80_0000_0000;
 pub const PCI_MMIO64_SIZE: u64 = 0x10_0000_0000;
 
 /// ACPI fixed-hardware replacement (HW-reduced ACPI): sleep control/status and reset register.

@@ -1,1 +1,499 @@
-fn main() {}
+//! `vmm`: a KVM virtual machine monitor for kernel developers.
+//!
+//! `vmm run` boots a stock Linux guest (the project's pinned default image, or `--kernel`) and
+//! either gives an interactive serial console or runs one command and exits with its status.
+//! `vmm images` builds the pinned, reproducible guest images; `vmm host` runs a command inside
+//! the nested-KVM host used where this machine's `/dev/kvm` cannot run stock guests.
+
+mod acpi;
+mod boot;
+mod config;
+mod cpu;
+mod host;
+mod kvm_probe;
+mod layout;
+mod memory;
+mod pci;
+mod vm;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit status when `--timeout` expires (as coreutils `timeout`).
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit status for VMM errors, including bad command-line input.
+pub const EXIT_VMM_ERROR: u8 = 125;
+/// Exit status when the guest kernel panicked.
+pub const EXIT_GUEST_PANIC: u8 = 123;
+/// Exit status when the guest stopped without reporting the command's status.
+pub const EXIT_NO_STATUS: u8 = 122;
+
+const EXIT_CODES_HELP: &str = "\
+Exit status of `vmm run -- CMD`: CMD's own status (0-255) when it ran, otherwise
+  122  the guest stopped without reporting a status (init died, powered off early)
+  123  the guest kernel panicked
+  124  --timeout expired
+  125  VMM error (bad arguments, KVM failure, missing kernel, ...)";
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about = "KVM VMM with CXL Type 3, VT-d (PASID/ATS/PRI) and PVRDMA device models", after_help = EXIT_CODES_HELP)]
+struct Cli {
+    /// Log level for the VMM's own messages (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest; with `-- CMD ARGS...` run CMD in it and exit with its status.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Run(RunArgs),
+    /// Build or update the pinned guest images.
+    Images {
+        #[command(subcommand)]
+        action: ImagesAction,
+    },
+    /// Run CMD inside the nested-KVM host (QEMU TCG with emulated AMD SVM, real kvm-amd inside).
+    Host(HostArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImagesAction {
+    /// Build every artifact (guest profiles and the nested host) and print `sha256  path` lines.
+    Build,
+    /// Re-resolve every pin to the archive's current version and rewrite the lock file.
+    Update {
+        /// Lock file to rewrite (default: the repository's guest-images/images.lock).
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum HostMode {
+    /// Probe /dev/kvm; use the nested host only if it cannot run a stock guest.
+    Auto,
+    /// Always use this machine's /dev/kvm.
+    Direct,
+    /// Always run inside the nested-KVM host.
+    Nested,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// Kernel to boot: a bzImage or an uncompressed ELF vmlinux (PVH entry). Default: the
+    /// project's pinned guest image.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (cpio, optionally compressed). Default: the pinned image's initramfs
+    /// when --kernel is not given.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended to the VMM's defaults.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value = "1", value_name = "N")]
+    cpus: String,
+    /// Guest memory size, e.g. 512M or 4G.
+    #[arg(long, default_value = "512M", value_name = "SIZE")]
+    memory: String,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Guest image profile used without --kernel ("7.2", the default, or "6.12").
+    #[arg(long, default_value = guest_images::DEFAULT_PROFILE)]
+    profile: String,
+    /// Where to run: probe /dev/kvm (auto), use it directly, or use the nested-KVM host.
+    #[arg(long, value_enum, default_value = "auto")]
+    host: HostMode,
+    /// Report boot times (VMM start → kernel entry → guest init) on stderr.
+    #[arg(long)]
+    boot_time: bool,
+    /// In command mode, also show the guest kernel console on stderr.
+    #[arg(long)]
+    console: bool,
+    /// Write the guest kernel console to this file.
+    #[arg(long, value_name = "PATH")]
+    console_log: Option<PathBuf>,
+    /// Command to run in the guest (after `--`); without it, an interactive console.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(clap::Args, Debug)]
+struct HostArgs {
+    /// vCPUs of the nested host.
+    #[arg(long, default_value_t = host::DEFAULT_CPUS)]
+    cpus: u32,
+    /// Memory of the nested host, e.g. 6G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Command to run inside the host (after `--`); without it, an interactive shell.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+/// A one-line error and the exit status it maps to.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl Failure {
+    fn vmm(message: impl std::fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            status: EXIT_VMM_ERROR,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("vmm: {first}");
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    let env = env_logger::Env::default().default_filter_or(cli.log_level.clone());
+    env_logger::Builder::from_env(env)
+        .format_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => cmd_run(args, started),
+        Command::Images { action } => cmd_images(action),
+        Command::Host(args) => cmd_host(args),
+    };
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(f) => {
+            eprintln!("vmm: {}", f.message);
+            ExitCode::from(f.status)
+        }
+    }
+}
+
+/// Kernel command line the VMM always passes; `--cmdline` is appended.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 quiet";
+
+fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
+    let cpus: u32 = args.cpus.parse().map_err(|_| {
+        Failure::vmm(format!(
+            "invalid --cpus value '{}': expected a whole number",
+            args.cpus
+        ))
+    })?;
+    let cpus = config::validate_cpus(cpus).map_err(Failure::vmm)?;
+    let memory = config::parse_memory_size(&args.memory).map_err(Failure::vmm)?;
+    let timeout = match args.timeout {
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            return Err(Failure::vmm(format!(
+                "invalid --timeout value {t}: must be a positive number of seconds"
+            )));
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    if let Some(k) = &args.kernel
+        && !k.is_file()
+    {
+        return Err(Failure::vmm(format!(
+            "kernel '{}' does not exist or is not a file",
+            k.display()
+        )));
+    }
+    if let Some(i) = &args.initrd
+        && !i.is_file()
+    {
+        return Err(Failure::vmm(format!(
+            "initrd '{}' does not exist or is not a file",
+            i.display()
+        )));
+    }
+
+    // Resolve the default image (this may download and build it, outside any nested host).
+    let (kernel, initrd) = match &args.kernel {
+        Some(k) => (k.clone(), args.initrd.clone()),
+        None => {
+            let store = guest_images::ImageStore::from_env().map_err(Failure::vmm)?;
+            let image = store.guest(&args.profile).map_err(Failure::vmm)?;
+            (
+                image.bzimage,
+                Some(args.initrd.clone().unwrap_or(image.initramfs)),
+            )
+        }
+    };
+
+    let use_nested = match args.host {
+        HostMode::Direct => false,
+        HostMode::Nested => true,
+        HostMode::Auto => {
+            if host::inside_nested_host() {
+                false
+            } else {
+                match kvm_probe::probe_stock_guest_support() {
+                    kvm_probe::ProbeResult::Capable => false,
+                    kvm_probe::ProbeResult::Incapable(reason) => {
+                        eprintln!(
+                            "vmm: /dev/kvm cannot run a stock guest here ({reason}); running inside the nested-KVM host"
+                        );
+                        true
+                    }
+                    kvm_probe::ProbeResult::NoKvm(reason) => {
+                        eprintln!(
+                            "vmm: no usable /dev/kvm ({reason}); running inside the nested-KVM host"
+                        );
+                        true
+                    }
+                }
+            }
+        }
+    };
+    if use_nested {
+        return run_nested(&args, &kernel, initrd.as_ref(), memory, cpus);
+    }
+
+    let command_mode = !args.command.is_empty();
+    let initrd_extra = if command_mode {
+        guest_command_archive(&args.command)
+    } else {
+        Vec::new()
+    };
+    let mut cmdline = BASE_CMDLINE.to_string();
+    if !args.cmdline.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(args.cmdline.trim());
+    }
+    let config = vm::VmConfig {
+        cpus,
+        memory,
+        kernel,
+        initrd,
+        initrd_extra,
+        cmdline,
+        console: if command_mode {
+            vm::ConsoleMode::Captured {
+                echo: args.console,
+                log: args.console_log.clone(),
+            }
+        } else {
+            vm::ConsoleMode::Interactive
+        },
+        timeout,
+    };
+    let report = vm::run(&config, started).map_err(Failure::vmm)?;
+    if args.boot_time {
+        let ms = |d: Option<Duration>| {
+            d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+                .unwrap_or_else(|| "not reached".into())
+        };
+        let t = report.boot_times;
+        let kernel_to_init = match (t.kernel_entry, t.init) {
+            (Some(k), Some(i)) => format!("{:.1} ms", (i.saturating_sub(k)).as_secs_f64() * 1000.0),
+            _ => "n/a".into(),
+        };
+        eprintln!(
+            "vmm: boot time: vmm start -> kernel entry {}, kernel entry -> init {}, vmm start -> init {}",
+            ms(t.kernel_entry),
+            kernel_to_init,
+            ms(t.init)
+        );
+    }
+    log::info!("guest booted from a {:?} kernel", report.kernel_format);
+    match report.outcome {
+        vm::Outcome::CommandExited(status) => Ok(status),
+        vm::Outcome::PoweredOff if !command_mode => Ok(0),
+        vm::Outcome::UserQuit => Ok(0),
+        vm::Outcome::PoweredOff => Err(Failure {
+            message: "guest powered off without reporting the command's exit status".into(),
+            status: EXIT_NO_STATUS,
+        }),
+        vm::Outcome::Reset if !command_mode => restart_self(),
+        vm::Outcome::Reset => Err(Failure {
+            message: "guest reset before reporting the command's exit status".into(),
+            status: EXIT_NO_STATUS,
+        }),
+        vm::Outcome::Panic(line) => Err(Failure {
+            message: format!("guest kernel panic: {line}"),
+            status: EXIT_GUEST_PANIC,
+        }),
+        vm::Outcome::TimedOut => Err(Failure {
+            message: format!(
+                "guest timed out after {} s",
+                args.timeout.unwrap_or_default()
+            ),
+            status: EXIT_TIMEOUT,
+        }),
+        vm::Outcome::VmmError(msg) => Err(Failure::vmm(msg)),
+    }
+}
+
+/// Interactive reboot: start over with the same arguments (a fresh VM, as a reset would give).
+fn restart_self() -> Result<u8, Failure> {
+    use std::os::unix::process::CommandExt;
+    let mut argv = std::env::args_os();
+    let exe = std::env::current_exe().map_err(Failure::vmm)?;
+    argv.next();
+    eprintln!("vmm: guest reset; restarting");
+    let err = std::process::Command::new(exe).args(argv).exec();
+    Err(Failure::vmm(format!(
+        "restart after guest reset failed: {err}"
+    )))
+}
+
+/// The cpio archive appended to the initrd in command mode: `/vmm/args`, a shell fragment that
+/// sets the positional parameters to the command, quoted so that any byte but NUL survives.
+fn guest_command_archive(command: &[OsString]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut script = b"set --".to_vec();
+    for arg in command {
+        script.extend_from_slice(b" '");
+        for &b in arg.as_bytes() {
+            if b == b'\'' {
+                script.extend_from_slice(b"'\\''");
+            } else {
+                script.push(b);
+            }
+        }
+        script.push(b'\'');
+    }
+    script.push(b'\n');
+    let mut archive = guest_images::cpio::Archive::new();
+    archive.directory("vmm", 0o755);
+    archive.file("vmm/args", 0o644, &script);
+    archive.finish()
+}
+
+fn run_nested(
+    args: &RunArgs,
+    kernel: &std::path::Path,
+    initrd: Option<&PathBuf>,
+    memory: u64,
+    cpus: u32,
+) -> Result<u8, Failure> {
+    let store = guest_images::ImageStore::from_env().map_err(Failure::vmm)?;
+    let host_image = store.host().map_err(Failure::vmm)?;
+    let exe = std::env::current_exe().map_err(Failure::vmm)?;
+    let mut argv: Vec<OsString> = vec![
+        exe.into_os_string(),
+        "run".into(),
+        "--host=direct".into(),
+        "--kernel".into(),
+        absolute(kernel).into_os_string(),
+        format!("--cpus={cpus}").into(),
+        format!("--memory={}", args.memory).into(),
+        format!("--cmdline={}", args.cmdline).into(),
+    ];
+    if let Some(i) = initrd {
+        argv.push("--initrd".into());
+        argv.push(absolute(i).into_os_string());
+    }
+    if let Some(t) = args.timeout {
+        argv.push(format!("--timeout={t}").into());
+    }
+    if args.boot_time {
+        argv.push("--boot-time".into());
+    }
+    if args.console {
+        argv.push("--console".into());
+    }
+    if let Some(log) = &args.console_log {
+        argv.push("--console-log".into());
+        argv.push(absolute(log).into_os_string());
+    }
+    if !args.command.is_empty() {
+        argv.push("--".into());
+        argv.extend(args.command.iter().cloned());
+    }
+    let opts = host::NestedHostOptions {
+        kernel: host_image.bzimage,
+        initramfs: host_image.initramfs,
+        cpus: cpus.max(2),
+        memory_mib: (memory >> 20) + 1536,
+        workdir: std::env::current_dir().map_err(Failure::vmm)?,
+        interactive: args.command.is_empty(),
+    };
+    host::run_in_nested_host(&opts, &argv)
+        .map_err(Failure::vmm)
+        .and_then(|status| {
+            u8::try_from(status)
+                .map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
+        })
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn cmd_images(action: ImagesAction) -> Result<u8, Failure> {
+    match action {
+        ImagesAction::Build => {
+            let store = guest_images::ImageStore::from_env().map_err(Failure::vmm)?;
+            let artifacts = store.build_all().map_err(Failure::vmm)?;
+            let mut out = String::new();
+            for a in artifacts {
+                out.push_str(&format!("{}  {}\n", a.sha256, a.path.display()));
+            }
+            print!("{out}");
+            Ok(0)
+        }
+        ImagesAction::Update { lock } => {
+            let lock = lock.unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/images.lock")
+            });
+            guest_images::update_lock(&lock).map_err(Failure::vmm)?;
+            eprintln!(
+                "vmm: updated {}; rebuild the binary to use the new pins",
+                lock.display()
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
+    let memory_mib = match &args.memory {
+        Some(m) => config::parse_size(m).map_err(Failure::vmm)? >> 20,
+        None => host::DEFAULT_MEMORY_MIB,
+    };
+    let cpus = config::validate_cpus(args.cpus).map_err(Failure::vmm)?;
+    let store = guest_images::ImageStore::from_env().map_err(Failure::vmm)?;
+    let image = store.host().map_err(Failure::vmm)?;
+    let interactive = args.command.is_empty();
+    let command = if interactive {
+        vec![OsString::from("/bin/sh")]
+    } else {
+        args.command
+    };
+    let opts = host::NestedHostOptions {
+        kernel: image.bzimage,
+        initramfs: image.initramfs,
+        cpus,
+        memory_mib,
+        workdir: std::env::current_dir().map_err(Failure::vmm)?,
+        interactive,
+    };
+    let status = host::run_in_nested_host(&opts, &command).map_err(Failure::vmm)?;
+    u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
+}

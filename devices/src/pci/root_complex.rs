@@ -58,12 +58,12 @@ pub struct PciWindows {
 }
 
 impl Default for PciWindows {
-    /// 0xc000_0000..0xe000_0000 and 64 GiB at 0x100_0000_0000 (the VMM's layout).
+    /// 0xc000_0000..0xe000_0000 and 64 GiB at 0x80_0000_0000 (the VMM layout).
     fn default() -> Self {
         PciWindows {
             mmio32_base: 0xc000_0000,
             mmio32_size: 0x2000_0000,
-            mmio64_base: 0x100_0000_0000,
+            mmio64_base: 0x80_0000_0000,
             mmio64_size: 0x10_0000_0000,
         }
     }
@@ -1035,7 +1035,7 @@ mod tests {
         let pref_limit = (u64::from(rd(&mut rc, rp + 0x2c, 4)) << 32)
             | (u64::from(rd(&mut rc, rp + 0x26, 2) & 0xfff0) << 16)
             | 0xfffff;
-        assert_eq!(pref_base, 0x100_0000_0000);
+        assert_eq!(pref_base, 0x80_0000_0000);
         assert_eq!(pref_limit - pref_base + 1, 1 << 30);
         let b0 = dev_bars.iter().find(|b| b.index == 0).unwrap();
         let b2 = dev_bars.iter().find(|b| b.index == 2).unwrap();
@@ -1104,13 +1104,13 @@ mod tests {
 
         // 64-bit BAR moved by the guest (low then high dword) within the prefetchable window.
         wr(&mut rc, ecam(1, 0, 0, 0x18), 4, 0x2000_000c);
-        wr(&mut rc, ecam(1, 0, 0, 0x1c), 4, 0x100);
+        wr(&mut rc, ecam(1, 0, 0, 0x1c), 4, 0x80);
         let mut q = [0u8; 8];
-        assert!(rc.mmio_read(0x100_2000_0008, &mut q));
+        assert!(rc.mmio_read(0x80_2000_0008, &mut q));
         assert_eq!(u64::from_le_bytes(q), (2u64 << 56) | 8);
         // Past the 1 GiB prefetchable window: not forwarded by the root port.
         wr(&mut rc, ecam(1, 0, 0, 0x18), 4, 0x4000_000c);
-        assert!(!rc.mmio_read(0x100_4000_0008, &mut q));
+        assert!(!rc.mmio_read(0x80_4000_0008, &mut q));
     }
 
     #[test]

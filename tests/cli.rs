@@ -1,0 +1,126 @@
+//! Bad command-line input: one clear line naming the bad value, VMM-error status, nothing booted.
+
+mod common;
+
+use common::vmm;
+
+const EXIT_VMM_ERROR: i32 = 125;
+
+fn assert_one_line_error(run: &common::Run, needle: &str) {
+    run.expect_status(EXIT_VMM_ERROR);
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line on stderr, got: {:?}",
+        run.stderr
+    );
+    assert!(lines[0].starts_with("vmm: "), "{:?}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "{:?} should mention {needle:?}",
+        lines[0]
+    );
+    assert!(run.stdout.is_empty(), "stdout: {:?}", run.stdout);
+}
+
+#[test]
+fn missing_kernel_path_is_one_line_error() {
+    let run = vmm(["run", "--kernel", "/nonexistent/bzImage", "--", "true"]);
+    assert_one_line_error(&run, "/nonexistent/bzImage");
+}
+
+#[test]
+fn missing_initrd_path_is_one_line_error() {
+    let run = vmm([
+        "run",
+        "--kernel",
+        "/proc/self/exe",
+        "--initrd",
+        "/no/such/initrd",
+        "--",
+        "true",
+    ]);
+    assert_one_line_error(&run, "/no/such/initrd");
+}
+
+#[test]
+fn malformed_memory_size_is_one_line_error() {
+    for bad in ["4X", "lots", "-1G", "1.5G"] {
+        let run = vmm(["run", "--memory", bad, "--", "true"]);
+        assert_one_line_error(&run, &format!("'{bad}'"));
+    }
+}
+
+#[test]
+fn too_small_memory_is_one_line_error() {
+    let run = vmm(["run", "--memory", "1M", "--", "true"]);
+    assert_one_line_error(&run, "'1M'");
+}
+
+#[test]
+fn zero_cpus_is_one_line_error() {
+    let run = vmm(["run", "--cpus", "0", "--", "true"]);
+    assert_one_line_error(&run, "--cpus value 0");
+}
+
+#[test]
+fn non_numeric_cpus_is_one_line_error() {
+    let run = vmm(["run", "--cpus", "two", "--", "true"]);
+    assert_one_line_error(&run, "'two'");
+}
+
+#[test]
+fn bad_timeout_is_one_line_error() {
+    let run = vmm(["run", "--timeout", "-3", "--", "true"]);
+    assert_one_line_error(&run, "-3");
+}
+
+#[test]
+fn unknown_flag_is_one_line_error() {
+    let run = vmm(["run", "--frobnicate"]);
+    assert_one_line_error(&run, "--frobnicate");
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel_is_rejected_before_boot() {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("not-a-kernel");
+    std::fs::write(&fake, b"hello").unwrap();
+    let run = vmm([
+        "run".as_ref(),
+        "--host=direct".as_ref(),
+        "--kernel".as_ref(),
+        fake.as_os_str(),
+        "--".as_ref(),
+        "true".as_ref(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_one_line_error(&run, "not-a-kernel");
+}
+
+#[test]
+fn help_documents_exit_statuses() {
+    let run = vmm(["run", "--help"]);
+    run.expect_status(0);
+    for needle in [
+        "124",
+        "125",
+        "123",
+        "--timeout",
+        "--cpus",
+        "--memory",
+        "--kernel",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "help lacks {needle}: {}",
+            run.stdout
+        );
+    }
+}
