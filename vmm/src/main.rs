@@ -99,13 +99,13 @@ struct RunArgs {
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Number of vCPUs.
-    #[arg(long, default_value = "1", value_name = "N")]
+    #[arg(long, default_value = "1", value_name = "N", allow_hyphen_values = true)]
     cpus: String,
     /// Guest memory size, e.g. 512M or 4G.
-    #[arg(long, default_value = "512M", value_name = "SIZE")]
+    #[arg(long, default_value = "512M", value_name = "SIZE", allow_hyphen_values = true)]
     memory: String,
     /// Stop the guest after this many seconds (exit status 124).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
     timeout: Option<f64>,
     /// Guest image profile used without --kernel ("7.2", the default, or "6.12").
     #[arg(long, default_value = guest_images::DEFAULT_PROFILE)]
