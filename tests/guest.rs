@@ -198,3 +198,21 @@ fn interactive_console_runs_what_is_typed() {
     run.expect_status(0);
     assert!(run.stdout.contains("answer-42"), "{}", run.stdout);
 }
+
+#[test]
+fn guest_reboot_before_reporting_is_its_own_status() {
+    // `reboot -f` resets the machine through the ACPI reset register; in command mode the VMM
+    // ends the run and says the guest reset without reporting a status.
+    let run = guest(["run", TIMEOUT, "--", "reboot", "-f"]);
+    run.expect_status(122);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("reset"), "{}", run.stderr);
+}
+
+#[test]
+fn guest_poweroff_before_reporting_is_its_own_status() {
+    let run = guest(["run", TIMEOUT, "--", "poweroff", "-f"]);
+    run.expect_status(122);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("powered off"), "{}", run.stderr);
+}
