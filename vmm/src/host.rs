@@ -35,8 +35,7 @@
 //! * SIGINT/SIGTERM/SIGHUP kill QEMU and remove the run directory ([`HostError::Interrupted`]);
 //!   QEMU also gets `PR_SET_PDEATHSIG(SIGKILL)` so it never outlives us.
 //!
-//! Knobs read from the environment: `VMM_CACHE_DIR` (else `$XDG_CACHE_HOME/vmm`, else
-//! `$HOME/.cache/vmm`), `VMM_QEMU` (QEMU binary, default `qemu-system-x86_64`) and
+//! Knobs read from the environment: `VMM_CACHE_DIR` (else `$HOME/.cache/vmm`), `VMM_QEMU` (QEMU binary, default `qemu-system-x86_64`) and
 //! `VMM_HOST_VERBOSE=1` (host console on stderr, run directory kept).
 
 use std::collections::BTreeMap;
@@ -109,20 +108,17 @@ pub struct NestedHostOptions {
     pub interactive: bool,
 }
 
-impl NestedHostOptions {
-    /// Options with the defaults: 2 vCPUs, 6 GiB, the current directory, non-interactive.
-    pub fn new(
-        kernel: impl Into<PathBuf>,
-        initramfs: impl Into<PathBuf>,
-    ) -> Result<Self, HostError> {
-        Ok(Self {
-            kernel: kernel.into(),
-            initramfs: initramfs.into(),
+impl Default for NestedHostOptions {
+    /// No kernel or initramfs yet; 2 vCPUs, 6 GiB, the current directory, non-interactive.
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
             cpus: DEFAULT_CPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
-            workdir: std::env::current_dir().map_err(|e| io_err("current directory", e))?,
+            workdir: PathBuf::from("."),
             interactive: false,
-        })
+        }
     }
 }
 
@@ -191,15 +187,12 @@ pub fn inside_nested_host() -> bool {
     std::env::var_os(NESTED_MARKER_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// The project's cache directory: `$VMM_CACHE_DIR`, else `$XDG_CACHE_HOME/vmm`, else
+/// The project's cache directory, as `guest-images` resolves it: `$VMM_CACHE_DIR`, else
 /// `$HOME/.cache/vmm`.
 pub fn default_cache_dir() -> Result<PathBuf, HostError> {
     let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = non_empty(CACHE_DIR_ENV) {
         return Ok(PathBuf::from(dir));
-    }
-    if let Some(dir) = non_empty("XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(dir).join("vmm"));
     }
     if let Some(home) = non_empty("HOME") {
         return Ok(PathBuf::from(home).join(".cache").join("vmm"));
@@ -241,6 +234,11 @@ impl Plan {
         argv: &[OsString],
         verbose: bool,
     ) -> Result<Self, HostError> {
+        if inside_nested_host() {
+            return Err(HostError::Invalid(format!(
+                "already inside the nested host ({NESTED_MARKER_ENV} is set): run the command directly"
+            )));
+        }
         if opts.cpus == 0 {
             return Err(HostError::Invalid("cpus must be at least 1".into()));
         }
@@ -497,6 +495,32 @@ impl Plan {
             });
         }
 
+        // The output and input threads start first: they wait for QEMU's data, and nothing is
+        // left to undo but them if QEMU does not start.
+        let qemu_done = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let started = self.start_threads(
+            &mut threads,
+            con_r,
+            console_file,
+            tty_sources,
+            stdout_file,
+            stderr_file,
+            terminal,
+            &qemu_done,
+        );
+        let stop_threads = |threads: Vec<JoinHandle<()>>| {
+            qemu_done.store(true, Ordering::SeqCst);
+            for t in threads {
+                let _ = t.join();
+            }
+        };
+        if let Err(e) = started {
+            drop(qemu_fds);
+            stop_threads(threads);
+            return Err(e);
+        }
+
         // Interactive on a terminal: raw mode (no echo, no signals, no output translation), so
         // that every key reaches the command's terminal inside and its output comes out as is.
         let _raw = if interactive && self.stdin_tty {
@@ -504,27 +528,58 @@ impl Plan {
         } else {
             None
         };
-        let signals =
-            SignalWatch::install().map_err(|e| io_err("installing signal handlers", e))?;
-        let mut child = cmd.spawn().map_err(|e| HostError::QemuSpawn {
-            qemu: self.qemu.clone(),
-            source: e,
-        })?;
+        let signals = match SignalWatch::install() {
+            Ok(s) => s,
+            Err(e) => {
+                drop(qemu_fds);
+                stop_threads(threads);
+                return Err(io_err("installing signal handlers", e));
+            }
+        };
+        let spawned = cmd.spawn();
         // Our copies of QEMU's ends must go, or the copiers would never see end of file.
         drop(qemu_fds);
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                stop_threads(threads);
+                return Err(HostError::QemuSpawn {
+                    qemu: self.qemu.clone(),
+                    source: e,
+                });
+            }
+        };
+        let outcome = wait_for(&mut child, &signals);
+        drop(signals);
+        stop_threads(threads);
+        outcome
+    }
 
-        let mut threads = vec![spawn_copier(
+    /// Starts the threads that copy the console, the serial ports and the relayed files to us
+    /// and (interactive) our stdin to the terminal; pushes each onto `threads`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_threads(
+        &self,
+        threads: &mut Vec<JoinHandle<()>>,
+        console: OwnedFd,
+        console_file: File,
+        tty_sources: Vec<(&'static str, OwnedFd, Sink)>,
+        stdout_file: Option<PathBuf>,
+        stderr_file: Option<PathBuf>,
+        terminal: Option<OwnedFd>,
+        qemu_done: &Arc<AtomicBool>,
+    ) -> Result<(), HostError> {
+        threads.push(spawn_copier(
             "console",
-            con_r,
+            console,
             Sink::Console {
                 file: console_file,
                 echo: self.verbose,
             },
-        )?];
+        )?);
         for (name, fd, sink) in tty_sources {
             threads.push(spawn_copier(name, fd, sink)?);
         }
-        let qemu_done = Arc::new(AtomicBool::new(false));
         if let Some(path) = stdout_file {
             threads.push(spawn_tailer(
                 "stdout",
@@ -552,14 +607,7 @@ impl Plan {
                 qemu_done.clone(),
             )?);
         }
-
-        let outcome = wait_for(&mut child, &signals);
-        drop(signals);
-        qemu_done.store(true, Ordering::SeqCst);
-        for t in threads {
-            let _ = t.join();
-        }
-        outcome
+        Ok(())
     }
 
     /// Turns QEMU's outcome and the run directory's contents into the result, and cleans up.
