@@ -15,7 +15,7 @@
 //!
 //! ```text
 //! debs/<sha256>.deb                    downloaded packages, content-addressed, verified
-//! apt/                                 private apt configuration (sources.list, lists/, cache/)
+//! apt/<hash>/  apt.lock               private apt configuration (sources.list, lists/, cache/)
 //! images/<image>-<input hash>/         one directory per built image, renamed into place
 //!     bzImage  vmlinux  initramfs.cpio  image.info  SHA256SUMS
 //! images/.tmp-*                        builds in progress (stale ones are removed)
@@ -30,6 +30,7 @@ pub mod protocol;
 
 mod apt;
 mod build;
+mod deb;
 mod debver;
 mod kernel;
 
@@ -99,11 +100,14 @@ pub enum Error {
     /// `images.conf` syntax error.
     #[error("images.conf line {line}: {msg}")]
     ConfSyntax {
-        /// 1-based line number (0: the file as a whole).
+        /// 1-based line number.
         line: usize,
         /// What is wrong.
         msg: String,
     },
+    /// `images.conf` is inconsistent.
+    #[error("images.conf: {0}")]
+    Conf(String),
     /// A lock entry without version/sha256.
     #[error(
         "package {package} is in images.lock without a pinned version; run `vmm images update` to pin it"
@@ -230,48 +234,113 @@ fn tool_package(tool: &str) -> &str {
 /// Runs a command, returning its stdout. Unless `tolerate_failure`, a non-zero exit becomes an
 /// error carrying the last error line of its stderr.
 pub(crate) fn run_capture(cmd: &mut Command, tolerate_failure: bool) -> Result<Vec<u8>, Error> {
-    cmd.stdin(Stdio::null())
+    let what = apt::describe(cmd);
+    run_with(cmd, None, tolerate_failure, &mut |out| {
+        let mut buf = Vec::new();
+        out.read_to_end(&mut buf)
+            .map_err(|e| Error::io(format!("reading the output of {what}"), e))?;
+        Ok(buf)
+    })
+}
+
+/// Runs a command with `input` on its stdin, returning its stdout (e.g. `xz -d -c`).
+pub(crate) fn run_filter(
+    cmd: &mut Command,
+    input: &[u8],
+    tolerate_failure: bool,
+) -> Result<Vec<u8>, Error> {
+    let what = apt::describe(cmd);
+    run_with(cmd, Some(input), tolerate_failure, &mut |out| {
+        let mut buf = Vec::new();
+        out.read_to_end(&mut buf)
+            .map_err(|e| Error::io(format!("reading the output of {what}"), e))?;
+        Ok(buf)
+    })
+}
+
+/// Runs a command, handing its stdout to `consume` as a stream; fails if the command fails.
+pub(crate) fn run_streaming<T>(
+    cmd: &mut Command,
+    consume: &mut dyn FnMut(&mut dyn Read) -> Result<T, Error>,
+) -> Result<T, Error> {
+    run_with(cmd, None, false, consume)
+}
+
+fn run_with<T>(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    tolerate_failure: bool,
+    consume: &mut dyn FnMut(&mut dyn Read) -> Result<T, Error>,
+) -> Result<T, Error> {
+    use std::io::Write;
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| spawn_error(cmd, e))?;
-    // Read stderr on a thread so that neither pipe can fill up and block the child.
-    let mut stderr_pipe = child.stderr.take();
-    let err_thread = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(p) = stderr_pipe.as_mut() {
-            let _ = p.read_to_end(&mut buf);
-        }
-        buf
-    });
-    let mut stdout = Vec::new();
-    if let Some(mut p) = child.stdout.take() {
-        p.read_to_end(&mut stdout)
-            .map_err(|e| Error::io(format!("reading the output of {}", apt::describe(cmd)), e))?;
-    }
-    let status = child
-        .wait()
-        .map_err(|e| Error::io(format!("waiting for {}", apt::describe(cmd)), e))?;
-    let stderr = err_thread.join().unwrap_or_default();
-    if !status.success() && !tolerate_failure {
-        let text = String::from_utf8_lossy(&stderr);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        let last = lines
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("E:"))
-            .or(lines.last())
-            .map(|l| format!(": {l}"))
-            .unwrap_or_default();
-        return Err(Error::Command {
-            command: apt::describe(cmd),
-            detail: format!("{status}{last}"),
+    let what = apt::describe(cmd);
+    std::thread::scope(|scope| {
+        // Feed stdin and drain stderr on threads so that no pipe can fill up and block the child.
+        let mut stdin_pipe = child.stdin.take();
+        let writer = scope.spawn(move || {
+            if let (Some(p), Some(data)) = (stdin_pipe.as_mut(), input) {
+                // A child that exits early closes the pipe; its exit status reports the problem.
+                let _ = p.write_all(data);
+            }
+            drop(stdin_pipe);
         });
-    }
-    Ok(stdout)
+        let mut stderr_pipe = child.stderr.take();
+        let err_reader = scope.spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(p) = stderr_pipe.as_mut() {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        });
+        let mut stdout = child.stdout.take();
+        let result = match stdout.as_mut() {
+            Some(out) => {
+                let r = consume(out);
+                // Drain what the consumer left (e.g. tar padding) so the child can finish.
+                let _ = std::io::copy(out, &mut std::io::sink());
+                r
+            }
+            None => Err(Error::io(
+                format!("reading the output of {what}"),
+                std::io::Error::other("no pipe"),
+            )),
+        };
+        drop(stdout);
+        let _ = writer.join();
+        let status = child
+            .wait()
+            .map_err(|e| Error::io(format!("waiting for {what}"), e))?;
+        let stderr = err_reader.join().unwrap_or_default();
+        if !status.success() && !tolerate_failure {
+            let text = String::from_utf8_lossy(&stderr);
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let last = lines
+                .iter()
+                .rev()
+                .find(|l| l.starts_with("E:"))
+                .or(lines.last())
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default();
+            return Err(Error::Command {
+                command: what,
+                detail: format!("{status}{last}"),
+            });
+        }
+        result
+    })
 }
 
 pub(crate) fn spawn_error(cmd: &Command, e: std::io::Error) -> Error {
@@ -285,39 +354,6 @@ pub(crate) fn spawn_error(cmd: &Command, e: std::io::Error) -> Error {
     } else {
         Error::io(format!("running {}", apt::describe(cmd)), e)
     }
-}
-
-/// Relative paths of every non-directory under `root`, sorted.
-pub(crate) fn walk(root: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
-    for (rel, meta) in walk_all(root)? {
-        if !meta.is_dir() {
-            out.push(rel);
-        }
-    }
-    Ok(())
-}
-
-/// Relative paths and metadata (not following symlinks) of everything under `root`, sorted.
-pub(crate) fn walk_all(root: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>, Error> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let rd = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
-            let path = rel.join(entry.file_name());
-            let meta = std::fs::symlink_metadata(root.join(&path))
-                .map_err(|e| Error::io(format!("reading {}", root.join(&path).display()), e))?;
-            if meta.is_dir() {
-                stack.push(path.clone());
-            }
-            out.push((path, meta));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
 }
 
 /// Writes a file via a temporary sibling and a rename.
