@@ -99,10 +99,20 @@ struct RunArgs {
     #[arg(long, default_value = "")]
     cmdline: String,
     /// Number of vCPUs.
-    #[arg(long, default_value = "1", value_name = "N", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value = "1",
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
     cpus: String,
     /// Guest memory size, e.g. 512M or 4G.
-    #[arg(long, default_value = "512M", value_name = "SIZE", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value = "512M",
+        value_name = "SIZE",
+        allow_hyphen_values = true
+    )]
     memory: String,
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
@@ -431,7 +441,7 @@ fn run_nested(
         initramfs: host_image.initramfs,
         cpus: cpus.max(2),
         memory_mib: (memory >> 20) + 1536,
-        workdir: std::env::current_dir().map_err(Failure::vmm)?,
+        workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
     };
     host::run_in_nested_host(&opts, &argv)
@@ -440,6 +450,30 @@ fn run_nested(
             u8::try_from(status)
                 .map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
         })
+}
+
+/// A nested-host failure; interruption by a signal exits as a shell would (128 + signal).
+fn host_failure(e: host::HostError) -> Failure {
+    match e {
+        host::HostError::Interrupted { signal } => Failure {
+            message: e.to_string(),
+            status: u8::try_from(128 + signal).unwrap_or(EXIT_VMM_ERROR),
+        },
+        other => Failure::vmm(other),
+    }
+}
+
+/// Working directory for the nested `vmm run`: every path it gets is absolute, so when the
+/// current directory is one the nested host cannot show (under /tmp), use $HOME instead.
+fn nested_workdir() -> Result<PathBuf, Failure> {
+    let cwd = std::env::current_dir().map_err(Failure::vmm)?;
+    let hidden = ["/tmp", "/run", "/proc", "/sys", "/dev"]
+        .iter()
+        .any(|p| cwd.starts_with(p));
+    if hidden && let Some(home) = std::env::var_os("HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    Ok(cwd)
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {
@@ -494,6 +528,6 @@ fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
         workdir: std::env::current_dir().map_err(Failure::vmm)?,
         interactive,
     };
-    let status = host::run_in_nested_host(&opts, &command).map_err(Failure::vmm)?;
+    let status = host::run_in_nested_host(&opts, &command).map_err(host_failure)?;
     u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
 }

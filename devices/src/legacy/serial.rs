@@ -37,8 +37,7 @@ impl<W: Write + Send> SerialPort<W> {
     /// queued before that would be lost.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         const IER_RDI: u8 = 0x01;
-        if self.serial.state().interrupt_enable & IER_RDI == 0 || self.serial.fifo_capacity() == 0
-        {
+        if self.serial.state().interrupt_enable & IER_RDI == 0 || self.serial.fifo_capacity() == 0 {
             return 0;
         }
         match self.serial.enqueue_raw_bytes(bytes) {
@@ -85,7 +84,11 @@ mod tests {
     #[test]
     fn input_waits_until_the_guest_enables_receive_interrupts() {
         let mut p = port();
-        assert_eq!(p.enqueue_input(b"echo"), 0, "held back before the driver opened the port");
+        assert_eq!(
+            p.enqueue_input(b"echo"),
+            0,
+            "held back before the driver opened the port"
+        );
         p.write(1, &[0x01]); // IER: received-data interrupt on
         assert_eq!(p.enqueue_input(b"echo"), 4);
         let mut got = Vec::new();
