@@ -436,6 +436,9 @@ fn run_nested(
         argv.push("--".into());
         argv.extend(args.command.iter().cloned());
     }
+    if let Some(t) = args.timeout {
+        arm_nested_watchdog(Duration::from_secs_f64(t) + NESTED_TIMEOUT_MARGIN);
+    }
     let opts = host::NestedHostOptions {
         kernel: host_image.bzimage,
         initramfs: host_image.initramfs,
@@ -452,8 +455,33 @@ fn run_nested(
         })
 }
 
+/// Extra time the nested host gets beyond `--timeout` (its own boot and shutdown) before the
+/// outer VMM stops it: the inner VMM enforces `--timeout` itself, this is the backstop.
+const NESTED_TIMEOUT_MARGIN: Duration = Duration::from_secs(300);
+
+static NESTED_WATCHDOG_FIRED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Stops a nested run that outlives its timeout: SIGTERM to ourselves makes the host runner
+/// kill QEMU and clean up; `host_failure` then reports a timeout.
+fn arm_nested_watchdog(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        NESTED_WATCHDOG_FIRED.store(true, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: sending SIGTERM to our own process; the host runner handles it.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    });
+}
+
 /// A nested-host failure; interruption by a signal exits as a shell would (128 + signal).
 fn host_failure(e: host::HostError) -> Failure {
+    if NESTED_WATCHDOG_FIRED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Failure {
+            message: "guest timed out: the nested host did not finish within --timeout plus 300 s"
+                .into(),
+            status: EXIT_TIMEOUT,
+        };
+    }
     match e {
         host::HostError::Interrupted { signal } => Failure {
             message: e.to_string(),
