@@ -61,3 +61,81 @@ fn two_builds_from_empty_caches_print_identical_digests() {
     }
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Every published image directory must be complete: each file its SHA256SUMS lists exists with
+/// that digest. Temporary build directories are the only other entries allowed.
+fn assert_cache_consistent(cache: &std::path::Path) {
+    let images = cache.join("images");
+    let Ok(entries) = std::fs::read_dir(&images) else {
+        return; // nothing published yet
+    };
+    for entry in entries {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            continue;
+        }
+        let sums = std::fs::read_to_string(entry.path().join("SHA256SUMS"))
+            .unwrap_or_else(|_| panic!("published image {name} has no SHA256SUMS"));
+        for line in sums.lines() {
+            let (digest, file) = line.split_once("  ").unwrap();
+            let out = Command::new("sha256sum")
+                .arg(entry.path().join(file))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.starts_with(digest),
+                "{name}/{file} is not what SHA256SUMS says"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_build_leaves_nothing_half_written() {
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("images-interrupt");
+    let _ = std::fs::remove_dir_all(&base);
+    // Kill the build at several points of its life; after each, the cache must be consistent.
+    for delay_ms in [1500u64, 6000, 15000] {
+        let mut child = Command::new(common::VMM)
+            .args(["images", "build"])
+            .env("VMM_CACHE_DIR", &base)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_cache_consistent(&base);
+    }
+    // A later build completes and gives the same digests as a clean one would.
+    let resumed = build_into(&base);
+    assert_cache_consistent(&base);
+    // The reference: the default cache (warm when the test script built the images first).
+    let out = Command::new(common::VMM)
+        .args(["images", "build"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let reference: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(d, p)| (d.to_string(), p.to_string()))
+        .collect();
+    let names = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(d, p)| {
+                let p = std::path::Path::new(p);
+                (
+                    d.clone(),
+                    p.parent().unwrap().file_name().unwrap().to_owned(),
+                    p.file_name().unwrap().to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&resumed), names(&reference));
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -83,3 +83,13 @@ pub const COM2_PORT: u16 = 0x2f8;
 pub const COM2_IRQ: u32 = 3;
 pub const COM3_PORT: u16 = 0x3e8;
 pub const COM3_IRQ: u32 = 4;
+
+// ---- CXL (issue: CXL 2.0 Type 3 memory device) ----
+/// CXL host bridge component registers (CHBCR, CXL 2.0 8.2.5), 64 KiB per host bridge, listed in
+/// the CEDT CHBS; outside E820 RAM and outside the PCI windows.
+pub const CXL_CHBCR_START: u64 = 0xf000_0000;
+pub const CXL_CHBCR_SIZE: u64 = 0x1_0000;
+/// CXL fixed memory windows (CEDT CFMWS): host physical addresses the HDM decoders map device
+/// memory into. Above the largest RAM (256 GiB), below the 64-bit PCI window; 256 MiB aligned.
+pub const CXL_WINDOW_START: u64 = 0x40_0000_0000;
+pub const CXL_WINDOW_MAX_SIZE: u64 = 0x40_0000_0000;
