@@ -1,0 +1,17 @@
+//! Fuzz target: see `vmm_fuzz::dma`. Under `cargo fuzz` (`--cfg fuzzing`) this is a libFuzzer
+//! target; otherwise it replays the files given as arguments (`FUZZ_VERBOSE=1` prints them as
+//! operations).
+#![cfg_attr(fuzzing, no_main)]
+
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vmm_fuzz::dma::run(data));
+
+#[cfg(not(fuzzing))]
+fn main() {
+    vmm_fuzz::replay_main(
+        "dma_space",
+        vmm_fuzz::dma::run,
+        vmm_fuzz::dma::decode,
+        std::env::args().skip(1),
+    );
+}
