@@ -1,6 +1,6 @@
 //! Fuzz target: see `vmm_fuzz::pio`. Under `cargo fuzz` (`--cfg fuzzing`) this is a libFuzzer
-//! target; otherwise it replays the files given as arguments (`FUZZ_VERBOSE=1` prints them as
-//! operations).
+//! target; otherwise it replays the files given as arguments (`FUZZ_VERBOSE=1` prints each
+//! operation before it runs).
 #![cfg_attr(fuzzing, no_main)]
 
 #[cfg(fuzzing)]
@@ -10,8 +10,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| vmm_fuzz::pio::run(data));
 fn main() {
     vmm_fuzz::replay_main(
         "legacy_pio",
-        vmm_fuzz::pio::run,
-        vmm_fuzz::pio::decode,
+        vmm_fuzz::pio::run_traced,
         std::env::args().skip(1),
     );
 }

@@ -714,9 +714,21 @@ enum Expect {
 
 /// Runs one fuzz input.
 pub fn run(data: &[u8]) {
+    run_traced(data, false);
+}
+
+/// Runs one fuzz input; with `trace`, prints each operation to stderr before running it (the
+/// last one printed is the one that failed).
+pub fn run_traced(data: &[u8], trace: bool) {
     let (setup, ops) = decode_ops(data);
+    if trace {
+        eprintln!("{setup:x?}");
+    }
     let mut h = Harness::new(setup);
-    for op in ops {
-        h.step(op);
+    for (i, op) in ops.iter().enumerate() {
+        if trace {
+            eprintln!("{i:4}: {op:x?}");
+        }
+        h.step(*op);
     }
 }

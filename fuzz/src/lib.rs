@@ -126,14 +126,9 @@ pub fn guarded_read<T>(len: usize, fill: u8, read: impl FnOnce(&mut [u8]) -> T) 
     (r, buf)
 }
 
-/// Replays every file named in `args` through `run` and prints `decode`d operations if
-/// `FUZZ_VERBOSE` is set: the `main` of a target built without libFuzzer.
-pub fn replay_main(
-    name: &str,
-    run: fn(&[u8]),
-    decode: fn(&[u8]) -> String,
-    args: impl Iterator<Item = String>,
-) {
+/// Replays every file named in `args` through `run`, printing each operation before it runs
+/// if `FUZZ_VERBOSE` is set: the `main` of a target built without libFuzzer.
+pub fn replay_main(name: &str, run: fn(&[u8], bool), args: impl Iterator<Item = String>) {
     let verbose = std::env::var_os("FUZZ_VERBOSE").is_some();
     let mut n = 0;
     for path in args {
@@ -145,9 +140,9 @@ pub fn replay_main(
             }
         };
         if verbose {
-            eprintln!("{name}: {path}:\n{}", decode(&data));
+            eprintln!("{name}: {path}:");
         }
-        run(&data);
+        run(&data, verbose);
         n += 1;
     }
     eprintln!("{name}: {n} input(s) ran without a finding");
