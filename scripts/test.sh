@@ -12,3 +12,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
 target/debug/vmm images build >/dev/null
 cargo test --workspace --locked -- --test-threads=2
+# Replay the fuzz corpora through the fuzz targets' logic (stable Rust, no libFuzzer).
+(cd fuzz && cargo test --locked)
