@@ -1,5 +1,6 @@
 //! Device models: port/MMIO bus dispatch, legacy platform devices, PCI.
 
 pub mod bus;
+pub mod cxl;
 pub mod legacy;
 pub mod pci;
