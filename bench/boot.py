@@ -17,8 +17,15 @@ that status; with --qemu-debug-exit QEMU gets an isa-debug-exit device there and
 write, status (42<<1)|1), then `poweroff -f`.
 
 Where this machine's /dev/kvm cannot run a stock guest (nested PVM: /sys/module/kvm_pvm), the
-whole measurement runs inside ONE nested host (`vmm host -- bench/boot.sh --inner ...`), so all
+whole measurement runs inside ONE nested host (`vmm host -- bench/boot.py --inner ...`), so all
 three VMMs run under the same (TCG-distorted) conditions: only the ratios mean anything there.
+The nested host gets VMM_HOST_TCG_THREAD=multi unless that is set already (see
+hold_kvm_static_keys for why multi-threaded TCG is safe for this run).
+
+Usage: bench/boot.sh [-n RUNS] [--kernel-format bzimage|vmlinux] [--help for the rest]
+Results: stdout, plus target/bench/boot-results.{txt,json}; console logs of every boot in
+target/bench/logs/. Our binary is copied to target/bench/vmm first (a concurrent cargo build
+must not swap it mid-run).
 """
 
 import argparse
@@ -139,11 +146,11 @@ def build_initramfs(pinned_initramfs, out_path):
 
 
 def pinned_images(vmm, profile):
-    """bzImage, vmlinux, initramfs.cpio of the guest profile, from `vmm images build`."""
+    """bzImage, vmlinux, initramfs.cpio of the guest profile, from `vmm images build`; when that
+    fails (e.g. a lock file being edited), the newest complete build of the profile in the
+    cache, with a warning."""
     res = subprocess.run([vmm, "images", "build"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    if res.returncode != 0:
-        die(f"`vmm images build` failed ({res.returncode}):\n{res.stderr}")
     found = {}
     for line in res.stdout.splitlines():
         parts = line.split(None, 1)
@@ -153,10 +160,26 @@ def pinned_images(vmm, profile):
         d = os.path.basename(os.path.dirname(path))
         if d.startswith(f"guest-{profile}-"):
             found[os.path.basename(path)] = path
-    missing = [a for a in ("bzImage", "vmlinux", "initramfs.cpio") if a not in found]
-    if missing:
-        die(f"`vmm images build` lists no {', '.join(missing)} for profile {profile}")
-    return found["bzImage"], found["vmlinux"], found["initramfs.cpio"]
+    artifacts = ("bzImage", "vmlinux", "initramfs.cpio")
+    if res.returncode == 0 and all(a in found for a in artifacts):
+        return tuple(found[a] for a in artifacts)
+    cache = os.environ.get("VMM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmm")
+    images = os.path.join(cache, "images")
+    dirs = []
+    if os.path.isdir(images):
+        for d in os.listdir(images):
+            full = os.path.join(images, d)
+            if d.startswith(f"guest-{profile}-") and all(
+                    os.path.isfile(os.path.join(full, a)) for a in artifacts + ("SHA256SUMS",)):
+                dirs.append((os.path.getmtime(os.path.join(full, "SHA256SUMS")), full))
+    if not dirs:
+        die(f"`vmm images build` failed ({res.returncode}) and no built guest-{profile} image "
+            f"is in {images}:\n{res.stderr}")
+    newest = max(dirs)[1]
+    note(f"warning: `vmm images build` failed ({res.returncode}: {res.stderr.strip()}); "
+         f"using the newest built guest-{profile} image in the cache, {newest}")
+    return tuple(os.path.join(newest, a) for a in artifacts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +243,8 @@ class Boot:
         proc.stderr.close()
         if self.error is None:
             if self.t_init is None:
-                self.error = f"the guest never printed {MARKER.decode()} (exit status {self.status})"
+                self.error = (f"the guest never printed {MARKER.decode()} "
+                              f"(exit status {self.status})")
             elif b"Kernel panic" in self.console:
                 self.error = "the guest kernel panicked"
             elif self.status != self.expect_status:
@@ -431,12 +455,16 @@ def report(args, records, notes, cmds, nested):
     lines.append(f"  kernel  {args.kernel}")
     lines.append(f"  initrd  minimal busybox /init, {args.initrd}")
     lines.append(f"  cmdline {cmdline(args)}")
-    lines.append(f"  vmm     {args.vmm}" + ("  (a DEBUG build)" if "/debug/" in args.vmm else ""))
+    label = args.vmm_label or args.vmm
+    lines.append(f"  vmm     {label}" + ("  (a DEBUG build)" if "/debug/" in label else ""))
     lines.append(f"  qemu    {qemu_version(args.qemu)}, -accel kvm -cpu host; microvm as "
                  f"-M {microvm_machine(args)}")
     if nested:
-        lines.append("  NOTE: measured inside the nested host (QEMU TCG, kvm-amd inside): absolute")
-        lines.append("        times are distorted by TCG; only the ratios between VMMs mean anything.")
+        tcg = os.environ.get("VMM_HOST_TCG_THREAD", "single (vmm default)")
+        lines.append(f"  NOTE: measured inside the nested host (QEMU TCG thread={tcg}, kvm-amd "
+                     "inside):")
+        lines.append("        absolute times are distorted by TCG; only the ratios between VMMs "
+                     "mean anything.")
     for n in notes:
         lines.append(f"  NOTE: {n}")
     lines.append("")
@@ -451,9 +479,9 @@ def report(args, records, notes, cmds, nested):
         pre = summary([r["init_ms"] - r["guest_uptime_ms"] for r in by[n]
                        if r["init_ms"] is not None and r["guest_uptime_ms"] is not None])
         med[n] = (i[0] if i else None, e[0] if e else None)
-        lines.append(f"{n:14s} {fmt(i and i[0]):>9s} {fmt(i and i[1]):>7s} {fmt(i and i[2]):>7s}   "
-                     f"{fmt(e and e[0]):>9s} {fmt(e and e[1]):>7s} {fmt(e and e[2]):>7s}   "
-                     f"{fmt(u and u[0]):>12s}  {fmt(pre and pre[0]):>20s}")
+        lines.append(f"{n:14s} {fmt(i and i[0]):>9s} {fmt(i and i[1]):>7s} "
+                     f"{fmt(i and i[2]):>7s}   {fmt(e and e[0]):>9s} {fmt(e and e[1]):>7s} "
+                     f"{fmt(e and e[2]):>7s}   {fmt(u and u[0]):>12s}  {fmt(pre and pre[0]):>20s}")
     lines.append("")
     for n in ("qemu-microvm", "qemu-q35"):
         if med[n][0] and med["vmm"][0]:
@@ -471,12 +499,16 @@ def report(args, records, notes, cmds, nested):
             lines.append(f"  => launch -> vmm start (exec, dynamic loading, before main()): "
                          f"~{med['vmm'][0] - t:.0f} ms (init - vmm start->init)")
     lines.append("")
-    lines.append("columns: init = launch -> BOOTBENCH-INIT-REACHED seen on the VMM's console output;")
-    lines.append("  exit = launch -> VMM process gone after `poweroff -f`; guest uptime = /proc/uptime")
+    lines.append("columns: init = launch -> BOOTBENCH-INIT-REACHED seen on the VMM's console "
+                 "output;")
+    lines.append("  exit = launch -> VMM process gone after `poweroff -f`; guest uptime = "
+                 "/proc/uptime")
     lines.append("  at init (the kernel's own clock); launch->kernel clock = init - guest uptime")
-    lines.append("  (VMM start-up, firmware, kernel load and decompression, early boot before timekeeping).")
+    lines.append("  (VMM start-up, firmware, kernel load and decompression, early boot before "
+                 "timekeeping).")
     if args.qemu_debug_exit:
-        lines.append("  QEMU had isa-debug-exit at 0x501: its 'exit' ends at the port write, before poweroff.")
+        lines.append("  QEMU had isa-debug-exit at 0x501: its 'exit' ends at the port write, "
+                     "before poweroff.")
     text = "\n".join(lines)
     print(text, flush=True)
     os.makedirs(WORK, exist_ok=True)
@@ -526,12 +558,13 @@ def main():
     p.add_argument("--cmdline-extra", default="",
                    help="extra kernel arguments for all three (e.g. 'loglevel=8' to see where "
                         "boot time goes in the saved console logs)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds per boot (default 300)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds per boot (default 120)")
     p.add_argument("--host-memory", default="2G", help="memory of the nested host (default 2G)")
     p.add_argument("--stage-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--kernel", help=argparse.SUPPRESS)
     p.add_argument("--vmlinux", help=argparse.SUPPRESS)
+    p.add_argument("--vmm-label", default=None, help=argparse.SUPPRESS)
     p.add_argument("--initrd", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.runs < 1:
@@ -547,14 +580,20 @@ def main():
 
     bzimage, vmlinux, pinned_initramfs = pinned_images(args.vmm, args.profile)
     os.makedirs(WORK, exist_ok=True)
+    # A private copy of our binary (same file system as QEMU's): a concurrent `cargo build`
+    # must not swap it between rounds.
+    snapshot = os.path.join(WORK, "vmm")
+    shutil.copy2(args.vmm, snapshot + ".tmp")
+    os.replace(snapshot + ".tmp", snapshot)
+    vmm_source, args.vmm = args.vmm, snapshot
     initrd = os.path.join(WORK, "boot-initramfs.cpio")
     build_initramfs(pinned_initramfs, initrd)
     nested = args.host == "nested" or (args.host == "auto" and needs_nested())
     kernel = vmlinux if args.kernel_format == "vmlinux" else bzimage
     inner = [os.path.abspath(__file__), "--inner", "--kernel", kernel, "--vmlinux", vmlinux,
              "--initrd", initrd, "--runs", str(args.runs), "--warmup", str(args.warmup),
-             "--vmm", args.vmm, "--qemu", args.qemu, "--microvm-kernel", args.microvm_kernel,
-             "--microvm-opts", args.microvm_opts,
+             "--vmm", args.vmm, "--vmm-label", vmm_source, "--qemu", args.qemu,
+             "--microvm-kernel", args.microvm_kernel, "--microvm-opts", args.microvm_opts,
              "--timeout", str(args.timeout), "--cmdline-extra", args.cmdline_extra]
     if args.qemu_debug_exit:
         inner.append("--qemu-debug-exit")
@@ -563,7 +602,12 @@ def main():
     note("this /dev/kvm cannot run a stock guest (nested PVM): measuring all three VMMs inside "
          "ONE nested host (QEMU TCG + kvm-amd); only ratios are meaningful")
     cmd = [args.vmm, "host", "--memory", args.host_memory, "--", sys.executable] + inner
-    res = subprocess.run(cmd, cwd=REPO)
+    # Multi-threaded TCG for the nested host unless the caller chose otherwise: the inner run
+    # keeps the static keys that made it crash from flipping (hold_kvm_static_keys), and
+    # single-threaded TCG would run the VMM's threads and this harness on one host CPU in turn.
+    env = dict(os.environ)
+    env.setdefault("VMM_HOST_TCG_THREAD", "multi")
+    res = subprocess.run(cmd, cwd=REPO, env=env)
     if res.returncode != 0:
         die(f"the measurement inside the nested host failed (status {res.returncode})",
             res.returncode)
