@@ -182,19 +182,26 @@ fn io_err(context: impl Into<String>, source: io::Error) -> HostError {
     }
 }
 
-/// Environment variable choosing QEMU's TCG threading for the host: `single` (default) or
-/// `multi`.
+/// Environment variable choosing QEMU's TCG threading for the host: `multi` (default) or
+/// `single`.
 pub const TCG_THREAD_ENV: &str = "VMM_HOST_TCG_THREAD";
 
-/// `-accel` argument. Multi-threaded TCG is faster but, with QEMU 7.2 and a 2-vCPU host, the
-/// host kernel occasionally dies on a stale `int3` while patching its own text (static keys via
-/// `text_poke_bp`: cross-modifying code one vCPU thread has not yet seen), about once in thirty
-/// runs here. Single-threaded TCG executes the vCPUs in turn and cannot race that way.
+/// `-accel` argument. With QEMU 7.2, multi-threaded TCG occasionally (about once in thirty runs
+/// here) kills the host kernel on a stale `int3` while it patches its own text (static keys via
+/// `text_poke_bp`: cross-modifying code another vCPU thread has not yet seen); callers retry
+/// such a run once (see [`is_host_crash`]). Single-threaded TCG avoids that race but the nested
+/// guest then makes next to no progress, so it is opt-in only.
 fn tcg_accel_option() -> String {
     match std::env::var(TCG_THREAD_ENV).as_deref() {
-        Ok("multi") => "tcg,thread=multi".into(),
-        _ => "tcg,thread=single".into(),
+        Ok("single") => "tcg,thread=single".into(),
+        _ => "tcg,thread=multi".into(),
     }
+}
+
+/// True if `e` says the nested host's own kernel crashed (not the command, not the guest): an
+/// infrastructure failure worth one retry.
+pub fn is_host_crash(e: &HostError) -> bool {
+    matches!(e, HostError::Failed { reason, .. } if reason.starts_with("host kernel panic"))
 }
 
 /// True inside the nested host (the command's environment has [`NESTED_MARKER_ENV`]).

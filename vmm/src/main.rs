@@ -9,6 +9,7 @@ mod acpi;
 mod boot;
 mod config;
 mod cpu;
+mod cxl;
 mod host;
 mod kvm_probe;
 mod layout;
@@ -132,6 +133,15 @@ struct RunArgs {
     /// Write the guest kernel console to this file.
     #[arg(long, value_name = "PATH")]
     console_log: Option<PathBuf>,
+    /// Add a CXL 2.0 Type 3 memory device (repeatable):
+    /// `volatile=SIZE,persistent=SIZE,backing=PATH[,lsa=PATH][,id=NAME]`; sizes are multiples
+    /// of 256M, either may be 0. The backing file holds volatile then persistent capacity.
+    #[arg(long = "cxl-type3", value_name = "SPEC")]
+    cxl_type3: Vec<String>,
+    /// Commit the CXL HDM decoders at boot, as platform firmware would, so the guest kernel
+    /// assembles the regions itself.
+    #[arg(long)]
+    cxl_precommit: bool,
     /// Command to run in the guest (after `--`); without it, an interactive console.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -225,6 +235,17 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
+    let cxl_devices = args
+        .cxl_type3
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| cxl::CxlType3Spec::parse(spec, i).map_err(Failure::vmm))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.cxl_precommit && cxl_devices.is_empty() {
+        return Err(Failure::vmm(
+            "--cxl-precommit needs at least one --cxl-type3 device",
+        ));
+    }
     if let Some(k) = &args.kernel
         && !k.is_file()
     {
@@ -311,6 +332,8 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
             vm::ConsoleMode::Interactive
         },
         timeout,
+        cxl_devices,
+        cxl_precommit: args.cxl_precommit,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {
@@ -425,6 +448,12 @@ fn run_nested(
     if args.boot_time {
         argv.push("--boot-time".into());
     }
+    for spec in &args.cxl_type3 {
+        argv.push(format!("--cxl-type3={}", absolute_cxl_paths(spec)).into());
+    }
+    if args.cxl_precommit {
+        argv.push("--cxl-precommit".into());
+    }
     if args.console {
         argv.push("--console".into());
     }
@@ -471,6 +500,37 @@ fn arm_nested_watchdog(limit: Duration) {
         // SAFETY: sending SIGTERM to our own process; the host runner handles it.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
     });
+}
+
+/// Runs in the nested host, retrying once when the host kernel itself crashed (a QEMU TCG
+/// issue, see `host::is_host_crash`), with a notice line.
+fn run_nested_with_retry(
+    opts: &host::NestedHostOptions,
+    argv: &[OsString],
+) -> Result<i32, host::HostError> {
+    match host::run_in_nested_host(opts, argv) {
+        Err(e)
+            if host::is_host_crash(&e)
+                && !NESTED_WATCHDOG_FIRED.load(std::sync::atomic::Ordering::SeqCst) =>
+        {
+            eprintln!("vmm: the nested host's kernel crashed ({e}); retrying once");
+            host::run_in_nested_host(opts, argv)
+        }
+        other => other,
+    }
+}
+
+/// Makes `backing=` and `lsa=` paths in a `--cxl-type3` spec absolute, for the nested re-run.
+fn absolute_cxl_paths(spec: &str) -> String {
+    spec.split(',')
+        .map(|part| match part.split_once('=') {
+            Some((key @ ("backing" | "lsa"), path)) => {
+                format!("{key}={}", absolute(std::path::Path::new(path)).display())
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A nested-host failure; interruption by a signal exits as a shell would (128 + signal).
@@ -556,6 +616,6 @@ fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
         workdir: std::env::current_dir().map_err(Failure::vmm)?,
         interactive,
     };
-    let status = host::run_in_nested_host(&opts, &command).map_err(host_failure)?;
+    let status = run_nested_with_retry(&opts, &command).map_err(host_failure)?;
     u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
 }

@@ -17,6 +17,8 @@ use crate::layout::*;
 pub struct Platform {
     root_complex: Mutex<PciRootComplex>,
     _memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// CXL host bridge component registers (CHBCR), when CXL devices are configured.
+    chbcr: Option<Arc<Mutex<devices::cxl::CxlHostBridge>>>,
 }
 
 /// The BAR windows, from the memory map.
@@ -53,7 +55,41 @@ impl Platform {
         Ok(Self {
             root_complex: Mutex::new(rc),
             _memory: memory,
+            chbcr: None,
         })
+    }
+
+    /// Adds a CXL root port at 00:`device`.0 and `endpoint` below it.
+    pub fn add_cxl_device(
+        &mut self,
+        device: u8,
+        port: Box<dyn devices::pci::PciDevice>,
+        endpoint: Box<dyn devices::pci::PciDevice>,
+    ) -> Result<(), String> {
+        let err = |e: PciError| e.to_string();
+        let mut rc = lock(&self.root_complex);
+        let bus = rc
+            .add_bridge(
+                PciAddress::new(0, device, 0).map_err(err)?,
+                port,
+                BridgeResources::default(),
+            )
+            .map_err(err)?;
+        rc.add_device(PciAddress::new(bus, 0, 0).map_err(err)?, endpoint)
+            .map_err(err)
+    }
+
+    /// Maps the CXL host bridge component registers at `CXL_CHBCR_START`.
+    pub fn set_cxl_host_bridge(&mut self, hb: Arc<Mutex<devices::cxl::CxlHostBridge>>) {
+        self.chbcr = Some(hb);
+    }
+
+    fn chbcr_offset(&self, addr: u64) -> Option<(&Mutex<devices::cxl::CxlHostBridge>, u64)> {
+        let hb = self.chbcr.as_ref()?;
+        let off = addr
+            .checked_sub(CXL_CHBCR_START)
+            .filter(|&o| o < CXL_CHBCR_SIZE)?;
+        Some((hb, off))
     }
 
     fn ecam_offset(addr: u64) -> Option<u64> {
@@ -70,6 +106,10 @@ impl Platform {
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if let Some((hb, off)) = self.chbcr_offset(addr) {
+            devices::bus::BusDevice::read(&mut *lock(hb), off, data);
+            return true;
+        }
         let mut rc = lock(&self.root_complex);
         match Self::ecam_offset(addr) {
             Some(off) => {
@@ -81,6 +121,10 @@ impl Platform {
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        if let Some((hb, off)) = self.chbcr_offset(addr) {
+            devices::bus::BusDevice::write(&mut *lock(hb), off, data);
+            return true;
+        }
         let mut rc = lock(&self.root_complex);
         match Self::ecam_offset(addr) {
             Some(off) => {

@@ -49,6 +49,8 @@ pub enum VmError {
     Acpi(String),
     #[error("setting up the PCIe root complex failed: {0}")]
     Pci(String),
+    #[error("CXL: {0}")]
+    Cxl(String),
     #[error("event loop failed: {0}")]
     EventLoop(String),
     #[error("I/O error: {0}")]
@@ -76,6 +78,10 @@ pub struct VmConfig {
     pub cmdline: String,
     pub console: ConsoleMode,
     pub timeout: Option<Duration>,
+    /// CXL Type 3 memory devices (`--cxl-type3`).
+    pub cxl_devices: Vec<crate::cxl::CxlType3Spec>,
+    /// Commit their HDM decoders before boot (`--cxl-precommit`).
+    pub cxl_precommit: bool,
 }
 
 /// How a run ended.
@@ -409,16 +415,30 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
 
     // PCIe root complex (ECAM + BARs) with MSI through the one delivery function.
     let msi_sink: Arc<dyn MsiSink> = Arc::new(KvmMsiSink { vm: vm.clone() });
-    let platform = Platform::new(msi_sink, guest_memory.clone()).map_err(VmError::Pci)?;
+    let mut platform =
+        Platform::new(msi_sink.clone(), guest_memory.clone()).map_err(VmError::Pci)?;
+    let cxl_topology = if config.cxl_devices.is_empty() {
+        None
+    } else {
+        let topology =
+            crate::cxl::build_topology(&config.cxl_devices, &vm, &msi_sink, &mut platform)
+                .map_err(VmError::Cxl)?;
+        if config.cxl_precommit {
+            crate::cxl::precommit(&topology).map_err(VmError::Cxl)?;
+        }
+        Some(topology)
+    };
     let platform = Arc::new(platform);
 
     // ACPI tables and boot.
     let ram_ranges = memory::ram_ranges(config.memory);
-    let tables = acpi::create_acpi_tables(&acpi::AcpiConfig::new(
-        config.cpus as u8,
-        ram_ranges.clone(),
-    ))
-    .map_err(|e| VmError::Acpi(e.to_string()))?;
+    let mut acpi_config = acpi::AcpiConfig::new(config.cpus as u8, ram_ranges.clone());
+    if let Some(topology) = &cxl_topology {
+        // CXL memory gets its own NUMA node (proximity domain 1).
+        acpi_config.cxl = Some(acpi::CxlConfig::from_layout(topology.window.size, 1));
+    }
+    let tables =
+        acpi::create_acpi_tables(&acpi_config).map_err(|e| VmError::Acpi(e.to_string()))?;
     vm_memory::Bytes::write_slice(&mem, &tables.bytes, GuestAddress(tables.base))
         .map_err(|e| VmError::Acpi(e.to_string()))?;
     let spec = BootSpec {

@@ -1,0 +1,520 @@
+//! VMM side of the CXL Type 3 memory device: `--cxl-type3` parsing, the backing file, and the
+//! memory mapping an HDM decoder commit asks for (a KVM memory slot at the committed host
+//! physical range, backed by the device's file at the decoder's DPA, so guest access runs at
+//! native speed, code can execute from it and device DMA reaches it).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::cxl::{CommittedRange, DecodeTarget, HdmListener, Partition};
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+
+/// Size granule for CXL capacities and HDM ranges (CXL 2.0 8.2.5.12).
+pub const CXL_GRANULE: u64 = 256 << 20;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CxlConfigError {
+    #[error("invalid --cxl-type3 '{spec}': {reason}")]
+    Spec { spec: String, reason: String },
+    #[error(
+        "CXL backing file '{path}' is {actual} bytes; the device needs exactly {expected} (volatile + persistent); refusing to resize it"
+    )]
+    BackingSize {
+        path: String,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("cannot open CXL backing file '{path}': {reason}")]
+    Backing { path: String, reason: String },
+}
+
+/// One `--cxl-type3 volatile=SIZE,persistent=SIZE,backing=PATH[,lsa=PATH][,id=NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CxlType3Spec {
+    pub volatile: u64,
+    pub persistent: u64,
+    pub backing: PathBuf,
+    pub lsa: Option<PathBuf>,
+    pub id: String,
+}
+
+impl CxlType3Spec {
+    /// Parses one `--cxl-type3` value; `index` names devices without `id=`.
+    pub fn parse(spec: &str, index: usize) -> Result<Self, CxlConfigError> {
+        let err = |reason: String| CxlConfigError::Spec {
+            spec: spec.to_string(),
+            reason,
+        };
+        let mut volatile = None;
+        let mut persistent = None;
+        let mut backing = None;
+        let mut lsa = None;
+        let mut id = None;
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| err(format!("'{part}' is not key=value")))?;
+            let size = |v: &str| {
+                let bytes = crate::config::parse_size(v).map_err(|e| err(e.to_string()))?;
+                if bytes % CXL_GRANULE != 0 {
+                    return Err(err(format!("{key}={v} is not a multiple of 256M")));
+                }
+                Ok(bytes)
+            };
+            match key {
+                "volatile" => volatile = Some(size(value)?),
+                "persistent" => persistent = Some(size(value)?),
+                "backing" => backing = Some(PathBuf::from(value)),
+                "lsa" => lsa = Some(PathBuf::from(value)),
+                "id" if !value.is_empty() => id = Some(value.to_string()),
+                other => return Err(err(format!("unknown key '{other}'"))),
+            }
+        }
+        let volatile = volatile.unwrap_or(0);
+        let persistent = persistent.unwrap_or(0);
+        if volatile == 0 && persistent == 0 {
+            return Err(err("volatile and persistent capacity are both 0".into()));
+        }
+        let backing = backing.ok_or_else(|| err("backing=PATH is required".into()))?;
+        Ok(Self {
+            volatile,
+            persistent,
+            backing,
+            lsa,
+            id: id.unwrap_or_else(|| format!("cxl{index}")),
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.volatile + self.persistent
+    }
+}
+
+/// The device's memory: the backing file mapped shared, volatile capacity first, then
+/// persistent (DPA order). Guest writes land in the file; persistent capacity survives runs.
+pub struct Backing {
+    _file: File,
+    host: *mut u8,
+    len: u64,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this struct for its whole life; access
+// goes through KVM (the guest) and bounds-checked copies.
+unsafe impl Send for Backing {}
+// SAFETY: as above; no interior state besides the mapping itself.
+unsafe impl Sync for Backing {}
+
+impl Backing {
+    /// Opens (creating it, sparse, if missing) and maps the backing file. An existing file of a
+    /// different size is refused: we never truncate or grow what the user has.
+    pub fn open(path: &Path, len: u64) -> Result<Self, CxlConfigError> {
+        let shown = path.display().to_string();
+        let backing_err = |reason: String| CxlConfigError::Backing {
+            path: shown.clone(),
+            reason,
+        };
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| backing_err(e.to_string()))?;
+        let actual = file
+            .metadata()
+            .map_err(|e| backing_err(e.to_string()))?
+            .len();
+        if existed && actual != len {
+            return Err(CxlConfigError::BackingSize {
+                path: shown,
+                actual,
+                expected: len,
+            });
+        }
+        if !existed {
+            file.set_len(len).map_err(|e| backing_err(e.to_string()))?;
+        }
+        // SAFETY: mapping `len` bytes of a file we hold open; the result is checked below.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(backing_err(std::io::Error::last_os_error().to_string()));
+        }
+        Ok(Self {
+            _file: file,
+            host: host.cast(),
+            len,
+        })
+    }
+
+    /// Host address of DPA `dpa`, if `[dpa, dpa+size)` lies inside the device.
+    pub fn host_address(&self, dpa: u64, size: u64) -> Option<u64> {
+        let end = dpa.checked_add(size)?;
+        (end <= self.len).then(|| self.host as u64 + dpa)
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mmap gave us; no slot uses it any more (the VM
+        // is gone when the device is dropped).
+        unsafe {
+            libc::msync(self.host.cast(), self.len as usize, libc::MS_SYNC);
+            libc::munmap(self.host.cast(), self.len as usize);
+        }
+    }
+}
+
+/// KVM memory slot numbers for CXL mappings, above the RAM slots.
+pub struct SlotAllocator {
+    free: Vec<u32>,
+}
+
+impl SlotAllocator {
+    pub fn new(first: u32, count: u32) -> Self {
+        Self {
+            free: (first..first + count).rev().collect(),
+        }
+    }
+}
+
+/// Maps committed endpoint decoder ranges into the guest as KVM memory slots.
+pub struct MemoryMapper {
+    vm: Arc<VmFd>,
+    backing: Arc<Backing>,
+    volatile: u64,
+    slots: Arc<Mutex<SlotAllocator>>,
+    mapped: Mutex<Vec<(CommittedRange, u32)>>,
+    name: String,
+}
+
+impl MemoryMapper {
+    pub fn new(
+        vm: Arc<VmFd>,
+        backing: Arc<Backing>,
+        volatile: u64,
+        slots: Arc<Mutex<SlotAllocator>>,
+        name: String,
+    ) -> Self {
+        Self {
+            vm,
+            backing,
+            volatile,
+            slots,
+            mapped: Mutex::new(Vec::new()),
+            name,
+        }
+    }
+
+    fn set_slot(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), String> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: `host..host+size` lies inside the backing mapping (checked by the caller),
+        // which lives as long as the VM; size 0 deletes the slot.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+}
+
+impl HdmListener for MemoryMapper {
+    fn committed(&self, range: &CommittedRange) -> Result<(), String> {
+        let DecodeTarget::Memory {
+            dpa_base,
+            partition,
+            ..
+        } = range.target
+        else {
+            return Ok(()); // host bridge / port decoders only route; nothing to map
+        };
+        // The DPA space is the backing file: volatile partition first, then persistent.
+        let in_partition = match partition {
+            Partition::Volatile => dpa_base + range.size <= self.volatile,
+            Partition::Persistent => dpa_base >= self.volatile,
+        };
+        let host = self
+            .backing
+            .host_address(dpa_base, range.size)
+            .filter(|_| in_partition)
+            .ok_or_else(|| format!("DPA {dpa_base:#x}+{:#x} is outside the device", range.size))?;
+        let slot = lock(&self.slots)
+            .free
+            .pop()
+            .ok_or("no free KVM memory slot for a CXL mapping")?;
+        if let Err(e) = self.set_slot(slot, range.hpa_base, range.size, host) {
+            lock(&self.slots).free.push(slot);
+            return Err(format!(
+                "mapping {:#x}+{:#x}: {e}",
+                range.hpa_base, range.size
+            ));
+        }
+        log::info!(
+            "{}: HDM decoder {} committed: HPA {:#x}+{:#x} -> DPA {dpa_base:#x} ({partition:?})",
+            self.name,
+            range.decoder_index,
+            range.hpa_base,
+            range.size
+        );
+        lock(&self.mapped).push((*range, slot));
+        Ok(())
+    }
+
+    fn uncommitted(&self, range: &CommittedRange) {
+        let mut mapped = lock(&self.mapped);
+        if let Some(pos) = mapped.iter().position(|(r, _)| r == range) {
+            let (_, slot) = mapped.remove(pos);
+            if let Err(e) = self.set_slot(slot, range.hpa_base, 0, 0) {
+                log::error!("{}: unmapping {:#x}: {e}", self.name, range.hpa_base);
+            }
+            lock(&self.slots).free.push(slot);
+            log::info!(
+                "{}: HDM decoder {} uncommitted",
+                self.name,
+                range.decoder_index
+            );
+        }
+    }
+}
+
+/// The CXL machine: one host bridge (`\_SB.PCI0`, UID 0, CHBCR at `CXL_CHBCR_START`), one CXL
+/// root port per Type 3 device on bus 0, one fixed memory window at `CXL_WINDOW_START` covering
+/// every device's capacity (volatile and persistent allowed).
+pub struct CxlTopology {
+    pub host_bridge: Arc<Mutex<devices::cxl::CxlHostBridge>>,
+    pub devices: Vec<CxlDeviceHandles>,
+    pub window: devices::cxl::HpaWindow,
+}
+
+/// What the VMM keeps of one Type 3 device after handing it to the root complex.
+pub struct CxlDeviceHandles {
+    pub spec: CxlType3Spec,
+    pub port_number: u8,
+    pub device: Arc<Mutex<devices::cxl::CxlType3Device>>,
+}
+
+/// PCI device number of the CXL root port of device `index` (00:02.0, 00:03.0, …).
+pub fn root_port_device_number(index: usize) -> u8 {
+    2 + index as u8
+}
+
+/// A stable serial number for a device: FNV-1a of its id, so labels survive restarts.
+pub fn serial_for(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Size of the fixed memory window for `specs`.
+pub fn window_size(specs: &[CxlType3Spec]) -> u64 {
+    specs.iter().map(CxlType3Spec::total).sum()
+}
+
+/// Commits the decoders at boot as platform firmware would (`--cxl-precommit`): for each
+/// device, one endpoint decoder for the volatile capacity and one for the persistent capacity,
+/// at consecutive HPAs in the window, and matching host bridge decoders targeting its root port.
+pub fn precommit(topology: &CxlTopology) -> Result<(), String> {
+    let mut hpa = topology.window.base;
+    let mut hb_decoder = 0;
+    for dev in &topology.devices {
+        let mut decoder = 0;
+        for size in [dev.spec.volatile, dev.spec.persistent] {
+            if size == 0 {
+                continue;
+            }
+            lock(&topology.host_bridge)
+                .precommit(hb_decoder, hpa, size, dev.port_number, false)
+                .map_err(|e| format!("{}: host bridge decoder {hb_decoder}: {e}", dev.spec.id))?;
+            lock(&dev.device)
+                .precommit(decoder, hpa, size, 0, false)
+                .map_err(|e| format!("{}: decoder {decoder}: {e}", dev.spec.id))?;
+            hpa += size;
+            decoder += 1;
+            hb_decoder += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the CXL devices, adds them to `platform`, and returns the handles the VMM keeps.
+pub fn build_topology(
+    specs: &[CxlType3Spec],
+    vm: &Arc<VmFd>,
+    msi: &Arc<dyn iommu::MsiSink>,
+    platform: &mut crate::pci::Platform,
+) -> Result<CxlTopology, String> {
+    use devices::cxl::lsa::{DEFAULT_LSA_SIZE, FileLabelStorage, LabelStorage};
+    use devices::cxl::memdev::{Memdev, MemdevConfig, SharedMemdev};
+    use devices::cxl::{
+        CxlHostBridge, CxlHostBridgeConfig, CxlRootPort, CxlRootPortConfig, CxlType3Device,
+        HpaWindow, SharedFunction, Type3Config,
+    };
+
+    let size = window_size(specs);
+    if size > crate::layout::CXL_WINDOW_MAX_SIZE {
+        return Err(format!(
+            "CXL devices total {size} bytes; the fixed memory window holds at most {}",
+            crate::layout::CXL_WINDOW_MAX_SIZE
+        ));
+    }
+    let window = HpaWindow::new(crate::layout::CXL_WINDOW_START, size);
+    let slots = Arc::new(Mutex::new(SlotAllocator::new(16, 64)));
+    let mut handles = Vec::new();
+    let mut ports = Vec::new();
+    for (index, spec) in specs.iter().enumerate() {
+        let device_number = root_port_device_number(index);
+        let port_number = device_number;
+        let backing =
+            Arc::new(Backing::open(&spec.backing, spec.total()).map_err(|e| e.to_string())?);
+        let lsa: Option<Box<dyn LabelStorage>> = if spec.persistent > 0 || spec.lsa.is_some() {
+            let path = spec.lsa.clone().unwrap_or_else(|| {
+                let mut p = spec.backing.clone().into_os_string();
+                p.push(".lsa");
+                PathBuf::from(p)
+            });
+            let storage = if path.exists() {
+                FileLabelStorage::open_existing(&path)
+            } else {
+                FileLabelStorage::open(&path, DEFAULT_LSA_SIZE)
+            }
+            .map_err(|e| format!("{}: label storage area '{}': {e}", spec.id, path.display()))?;
+            Some(Box::new(storage))
+        } else {
+            None
+        };
+        let serial = serial_for(&spec.id);
+        let memdev = Memdev::new(MemdevConfig {
+            volatile_bytes: spec.volatile,
+            persistent_bytes: spec.persistent,
+            lsa,
+            serial,
+            id: spec.id.clone(),
+        })
+        .map_err(|e| format!("{}: {e}", spec.id))?;
+        let memdev = Arc::new(Mutex::new(memdev));
+        let mapper = MemoryMapper::new(
+            vm.clone(),
+            backing,
+            spec.volatile,
+            slots.clone(),
+            spec.id.clone(),
+        );
+        let mut cfg = Type3Config::new(spec.volatile, spec.persistent);
+        cfg.serial = serial;
+        cfg.windows = vec![window];
+        cfg.listener = Some(Arc::new(mapper));
+        let device = CxlType3Device::new(cfg, Box::new(SharedMemdev(memdev.clone())), msi.clone())
+            .map_err(|e| format!("{}: {e}", spec.id))?;
+        let interrupts = device.interrupts();
+        {
+            let mut md = lock(&memdev);
+            md.set_event_msgnum(devices::cxl::type3::EVENT_VECTOR as u8)
+                .map_err(|e| e.to_string())?;
+            md.set_event_interrupt_sink(Some(Box::new(move |ev| {
+                interrupts.trigger(u16::from(ev.msgnum));
+            })));
+        }
+        let (function, device) = SharedFunction::new(device);
+        let port = CxlRootPort::new(CxlRootPortConfig::new(port_number), msi.clone())
+            .map_err(|e| e.to_string())?;
+        platform.add_cxl_device(device_number, Box::new(port), Box::new(function))?;
+        ports.push(port_number);
+        handles.push(CxlDeviceHandles {
+            spec: spec.clone(),
+            port_number,
+            device,
+        });
+    }
+    let mut hb_cfg = CxlHostBridgeConfig::new(ports, vec![window]);
+    hb_cfg.decoders = (2 * specs.len()).max(2);
+    let host_bridge = Arc::new(Mutex::new(
+        CxlHostBridge::new(hb_cfg).map_err(|e| e.to_string())?,
+    ));
+    platform.set_cxl_host_bridge(host_bridge.clone());
+    Ok(CxlTopology {
+        host_bridge,
+        devices: handles,
+        window,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_spec() {
+        let s = CxlType3Spec::parse(
+            "volatile=512M,persistent=256M,backing=/var/cxl0.img,lsa=/var/cxl0.lsa,id=mem0",
+            0,
+        )
+        .unwrap();
+        assert_eq!(s.volatile, 512 << 20);
+        assert_eq!(s.persistent, 256 << 20);
+        assert_eq!(s.backing, PathBuf::from("/var/cxl0.img"));
+        assert_eq!(s.lsa, Some(PathBuf::from("/var/cxl0.lsa")));
+        assert_eq!(s.id, "mem0");
+        assert_eq!(s.total(), 768 << 20);
+    }
+
+    #[test]
+    fn either_capacity_may_be_zero_but_not_both() {
+        let s = CxlType3Spec::parse("volatile=0,persistent=1G,backing=b", 3).unwrap();
+        assert_eq!(
+            (s.volatile, s.persistent, s.id.as_str()),
+            (0, 1 << 30, "cxl3")
+        );
+        assert!(CxlType3Spec::parse("volatile=0,persistent=0,backing=b", 0).is_err());
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        for (spec, needle) in [
+            ("volatile=100M,backing=b", "multiple of 256M"),
+            ("volatile=1G", "backing=PATH is required"),
+            ("volatile=1G,backing=b,colour=red", "unknown key 'colour'"),
+            ("volatile=lots,backing=b", "'lots'"),
+            ("volatile,backing=b", "not key=value"),
+        ] {
+            let e = CxlType3Spec::parse(spec, 0).unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+            assert!(e.contains(spec), "{e}");
+        }
+    }
+
+    #[test]
+    fn backing_file_is_created_sparse_and_never_resized() {
+        let dir = std::env::temp_dir().join(format!("vmm-cxl-backing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem.img");
+        let b = Backing::open(&path, 512 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 512 << 20);
+        assert!(b.host_address(256 << 20, 256 << 20).is_some());
+        assert!(b.host_address(256 << 20, 512 << 20).is_none());
+        assert!(b.host_address(u64::MAX, 2).is_none());
+        drop(b);
+        let err = Backing::open(&path, 1 << 30).err().unwrap();
+        assert!(matches!(err, CxlConfigError::BackingSize { .. }), "{err}");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            512 << 20,
+            "left untouched"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
