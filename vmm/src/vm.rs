@@ -590,7 +590,12 @@ impl MutEventSubscriber for MainLoop {
     fn init(&mut self, ops: &mut EventOps) {
         let add = |ops: &mut EventOps, fd: i32, token: u32| {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
-                log::error!("event loop: cannot watch fd {fd}: {e:?}");
+                if token == STDIN_TOKEN {
+                    // A regular file or /dev/null cannot be polled: no console input then.
+                    log::debug!("stdin cannot be watched ({e:?}); console input disabled");
+                } else {
+                    log::error!("event loop: cannot watch fd {fd}: {e:?}");
+                }
             }
         };
         add(ops, self.events.stop_evt.as_raw_fd(), STOP_TOKEN);
