@@ -124,3 +124,40 @@ fn help_documents_exit_statuses() {
         );
     }
 }
+
+#[test]
+fn malformed_cxl_spec_is_one_line_error() {
+    let run = vmm([
+        "run",
+        "--cxl-type3",
+        "volatile=100M,backing=x.img",
+        "--",
+        "true",
+    ]);
+    assert_one_line_error(&run, "multiple of 256M");
+    let run = vmm(["run", "--cxl-type3", "volatile=256M", "--", "true"]);
+    assert_one_line_error(&run, "backing=PATH is required");
+    let run = vmm(["run", "--cxl-precommit", "--", "true"]);
+    assert_one_line_error(&run, "--cxl-type3");
+}
+
+#[test]
+fn cxl_backing_file_of_the_wrong_size_is_refused_and_left_alone() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cxl-backing");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("small.img");
+    std::fs::write(&img, b"precious user data").unwrap();
+    let run = vmm([
+        "run".to_string(),
+        "--host=direct".to_string(),
+        "--kernel=/proc/self/exe".to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=0,backing={}",
+            img.display()
+        ),
+        "--".to_string(),
+        "true".to_string(),
+    ]);
+    assert_one_line_error(&run, "refusing to resize");
+    assert_eq!(std::fs::read(&img).unwrap(), b"precious user data");
+}
