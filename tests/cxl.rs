@@ -1,0 +1,187 @@
+//! CXL 2.0 Type 3 guest tests: the guest's own `cxl`, `daxctl`, `ndctl` and `numactl` report
+//! what the VMM's CXL devices provide. Backing files live under the target directory (the
+//! nested host hides /tmp).
+
+mod common;
+
+use common::guest;
+
+const TIMEOUT: &str = "--timeout=900";
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cxl-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let mut lsa = path.clone().into_os_string();
+    lsa.push(".lsa");
+    let _ = std::fs::remove_file(lsa);
+    path
+}
+
+#[test]
+fn cxl_list_shows_two_memdevs_with_their_capacities() {
+    let a = scratch("two-a.img");
+    let b = scratch("two-b.img");
+    let run = guest([
+        "run".to_string(),
+        TIMEOUT.to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=512M,backing={},id=a",
+            a.display()
+        ),
+        format!(
+            "--cxl-type3=volatile=0,persistent=256M,backing={},id=b",
+            b.display()
+        ),
+        "--".to_string(),
+        "cxl".to_string(),
+        "list".to_string(),
+        "-M".to_string(),
+    ]);
+    run.expect_status(0);
+    let out = &run.stdout;
+    assert!(out.contains("\"memdev\":\"mem0\""), "{out}");
+    assert!(out.contains("\"memdev\":\"mem1\""), "{out}");
+    // Device a: 256 MiB RAM + 512 MiB pmem; device b: pmem only (ram_size absent or 0).
+    assert!(out.contains("\"ram_size\":268435456"), "{out}");
+    assert!(out.contains("\"pmem_size\":536870912"), "{out}");
+    assert!(out.contains("\"pmem_size\":268435456"), "{out}");
+    // The backing files were created at exactly the device size.
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), 768 << 20);
+    assert_eq!(std::fs::metadata(&b).unwrap().len(), 256 << 20);
+}
+
+#[test]
+fn precommitted_ram_region_is_system_ram_on_its_own_node() {
+    let img = scratch("ram.img");
+    let script = r#"
+        set -e
+        cxl list -R -u
+        numactl -H
+        # All of node 1 (the CXL window's node) can be allocated and touched by a bound process.
+        free_mb=$(numactl -H | sed -n 's/^node 1 free: \([0-9]*\) MB/\1/p')
+        echo "node1-free-mb $free_mb"
+        numactl --membind=1 memhog -r1 $((free_mb - 16))M >/dev/null
+        echo "filled"
+    "#;
+    let run = guest([
+        "run".to_string(),
+        TIMEOUT.to_string(),
+        "--memory=1G".to_string(),
+        "--cxl-precommit".to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=0,backing={}",
+            img.display()
+        ),
+        "--".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        script.to_string(),
+    ]);
+    run.expect_status(0);
+    let out = &run.stdout;
+    assert!(out.contains("\"type\":\"ram\""), "{out}");
+    assert!(out.contains("\"decode_state\":\"commit\""), "{out}");
+    assert!(out.contains("available: 2 nodes (0-1)"), "{out}");
+    assert!(out.contains("node 1 size: 256 MB"), "{out}");
+    assert!(out.contains("filled"), "{out}");
+}
+
+#[test]
+fn pmem_fsdax_file_survives_a_vm_restart() {
+    let img = scratch("pmem.img");
+    let device = format!(
+        "--cxl-type3=volatile=0,persistent=256M,backing={},id=pm",
+        img.display()
+    );
+    let boot = |script: &str| {
+        guest([
+            "run".to_string(),
+            TIMEOUT.to_string(),
+            "--memory=1G".to_string(),
+            "--cxl-precommit".to_string(),
+            device.clone(),
+            "--".to_string(),
+            "sh".to_string(),
+            "-c".to_string(),
+            script.to_string(),
+        ])
+    };
+    let first = boot(
+        r#"
+        set -e
+        ndctl create-namespace -m fsdax >/dev/null
+        mkfs.ext4 -q -F -b 4096 /dev/pmem0
+        mkdir -p /mnt/p
+        mount -o dax /dev/pmem0 /mnt/p
+        grep pmem0 /proc/mounts
+        dd if=/dev/urandom of=/mnt/p/pattern bs=1M count=8 2>/dev/null
+        sha256sum /mnt/p/pattern
+        umount /mnt/p
+        "#,
+    );
+    first.expect_status(0);
+    assert!(first.stdout.contains("dax=always"), "{}", first.stdout);
+    let digest = |out: &str| {
+        out.lines()
+            .find(|l| l.ends_with("/mnt/p/pattern"))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no checksum in {out}"))
+    };
+    let written = digest(&first.stdout);
+    // Second boot with the same backing (and label) file: the namespace is found again and the
+    // file reads back with the same contents, through a DAX mount.
+    let second = boot(
+        r#"
+        set -e
+        mkdir -p /mnt/p
+        mount -o dax /dev/pmem0 /mnt/p
+        grep pmem0 /proc/mounts
+        sha256sum /mnt/p/pattern
+        "#,
+    );
+    second.expect_status(0);
+    assert!(second.stdout.contains("dax=always"), "{}", second.stdout);
+    assert_eq!(digest(&second.stdout), written);
+}
+
+#[test]
+fn poison_injected_through_the_mailbox_is_listed_and_traced() {
+    let img = scratch("poison.img");
+    let script = r#"
+        set -e
+        mount -t debugfs none /sys/kernel/debug
+        mount -t tracefs none /sys/kernel/tracing 2>/dev/null || true
+        echo 1 > /sys/kernel/tracing/events/cxl/cxl_poison/enable
+        echo 0x1000 > /sys/kernel/debug/cxl/mem0/inject_poison
+        cxl list -m mem0 -L -u
+        echo 1 > /sys/bus/cxl/devices/mem0/trigger_poison_list
+        grep cxl_poison /sys/kernel/tracing/trace
+        # Clearing it empties the list again.
+        echo 0x1000 > /sys/kernel/debug/cxl/mem0/clear_poison
+        echo "after-clear"
+        cxl list -m mem0 -L -u
+    "#;
+    let run = guest([
+        "run".to_string(),
+        TIMEOUT.to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=256M,backing={}",
+            img.display()
+        ),
+        "--".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        script.to_string(),
+    ]);
+    run.expect_status(0);
+    let (before, after) = run.stdout.split_once("after-clear").expect("both listings");
+    assert!(before.contains("\"offset\":\"0x1000\""), "{before}");
+    assert!(before.contains("\"source\":\"Injected\""), "{before}");
+    assert!(
+        before.contains("cxl_poison: memdev=mem0") && before.contains("dpa=0x1000"),
+        "{before}"
+    );
+    assert!(!after.contains("\"offset\":\"0x1000\""), "{after}");
+}
