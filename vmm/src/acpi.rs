@@ -26,7 +26,8 @@
 //! With [`CxlConfig`] the machine describes one CXL 2.0 host bridge the way Linux's `cxl_acpi`
 //! expects (CXL 2.0 §9.14 "ACPI"; ACPI 6.5 §5.2.28 for the CEDT):
 //! - the single PCIe root `\_SB.PCI0` (segment 0, root bus 0) becomes the CXL host bridge:
-//!   `_HID "ACPI0016"`, `_CID { PNP0A08, PNP0A03 }`, `_UID` = the CHBS UID. Linux's PCI root driver
+//!   `_HID "ACPI0016"`, `_CID { PNP0A08, PNP0A03 }`, `_UID` = the CHBS UID, `_PXM 0` (the RAM and
+//!   CPU domain: the window's node would otherwise leave PCI on no node). Linux's PCI root driver
 //!   binds through the `_CID`, treats the bridge as PCIe (`ACPI_BRIDGE_TYPE_CXL`,
 //!   drivers/acpi/pci_root.c) and negotiates `_OSC` with the CXL UUID; `cxl_acpi` walks ACPI0016
 //!   devices, takes their PCI root bus (`acpi_pci_find_root`) and finds the CHBS by `_UID`
@@ -990,7 +991,7 @@ impl Aml for IsaIrq {
 ///     _CRS: WordBusNumber, WordIO x2, DWordMemory (MMIO32), QWordMemory (MMIO64)
 ///     _OSC: grants native hot-plug, SHPC, PME, AER, PCIe capability control
 ///   }                                 // with CXL: _HID "ACPI0016", _CID { PNP0A08, PNP0A03 },
-///                                     // _UID = CHBS UID, _OSC also for the CXL UUID
+///                                     // _UID = CHBS UID, _PXM 0, _OSC also for the CXL UUID
 ///   Device (CXLM) { _HID "ACPI0017", _STA, _DSM (QTG) }                  // with CXL only
 ///   Device (MRES) { _HID EisaId("PNP0C02"), _UID 0, _CRS Memory32Fixed(ECAM) }
 ///   Device (COMn) { _HID EisaId("PNP0501"), _UID n, _CRS IO + IRQ }      // n = 1..3
@@ -1119,6 +1120,9 @@ fn pci_host_bridge(pci: &PciSegmentConfig, cxl_uid: Option<u32>) -> Vec<u8> {
         Some(uid) => {
             let hid: &dyn Aml = &"ACPI0016";
             let cids = aml::Package::new(vec![&pcie, &pci_compat]);
+            // The CXL window adds a NUMA node; without _PXM Linux leaves the root bus (and every
+            // PCI device) on no node and warns "Unknown NUMA node".
+            let pxm = aml::Name::new("_PXM".into(), &aml::ZERO);
             device(
                 "PCI0",
                 &[
@@ -1127,6 +1131,7 @@ fn pci_host_bridge(pci: &PciSegmentConfig, cxl_uid: Option<u32>) -> Vec<u8> {
                     &seg,
                     &aml::Name::new("_UID".into(), &uid),
                     &bbn,
+                    &pxm,
                     &crs,
                     &RawAml(&cxl_host_bridge_osc()),
                 ],
@@ -2065,6 +2070,7 @@ mod tests {
         ] {
             assert!(!contains(dsdt, needle));
         }
+        assert!(!contains(dsdt, b"_PXM"));
     }
 
     #[test]
@@ -2179,8 +2185,9 @@ mod tests {
                 0xd0, 0x0a, 0x03
             ]
         ));
-        // Name (_UID, 7) in PCI0; the plain PNP0A08 _HID is gone.
+        // Name (_UID, 7) and Name (_PXM, Zero) in PCI0; the plain PNP0A08 _HID is gone.
         assert!(contains(dsdt, &[b'_', b'U', b'I', b'D', 0x0a, 0x07]));
+        assert!(contains(dsdt, &[b'_', b'P', b'X', b'M', 0x00]));
         assert!(!contains(
             dsdt,
             &[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]
@@ -2421,6 +2428,7 @@ mod tests {
         let dsdt = listing("dsdt");
         for expected in [
             "Name (_HID, \"ACPI0016\"",
+            "Name (_PXM, Zero)",
             "EisaId (\"PNP0A08\")",
             "EisaId (\"PNP0A03\")",
             "ToUUID (\"68f2d50b-c469-4d8a-bd3d-941a103fd3fc\")",
