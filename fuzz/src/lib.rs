@@ -14,6 +14,7 @@
 //! Every module also has `decode` (to print an input as operations) and `encode` (to write
 //! hand-made seeds).
 
+pub mod cxl;
 pub mod dma;
 pub mod pci;
 pub mod pio;
