@@ -185,3 +185,44 @@ fn poison_injected_through_the_mailbox_is_listed_and_traced() {
     );
     assert!(!after.contains("\"offset\":\"0x1000\""), "{after}");
 }
+
+#[test]
+fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
+    // Linux refuses to commit a region inside a VM (cpu_cache_has_invalidate_memregion() is
+    // false with the hypervisor CPUID bit); with --cpuid-no-hypervisor it commits the HDM
+    // decoders itself, the VMM maps the range, and the pmem region carries a DAX file system.
+    let img = scratch("kernel-commit.img");
+    let script = r#"
+        set -e
+        cxl create-region -t pmem -d decoder0.0 -m mem0 -s 256M
+        ndctl create-namespace -m fsdax >/dev/null
+        mkfs.ext4 -q -F -b 4096 /dev/pmem0
+        mkdir -p /mnt/p
+        mount -o dax /dev/pmem0 /mnt/p
+        grep pmem0 /proc/mounts
+        echo written > /mnt/p/file
+        cat /mnt/p/file
+    "#;
+    let run = guest([
+        "run".to_string(),
+        TIMEOUT.to_string(),
+        "--memory=1G".to_string(),
+        "--cpuid-no-hypervisor".to_string(),
+        format!(
+            "--cxl-type3=volatile=0,persistent=256M,backing={}",
+            img.display()
+        ),
+        "--".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        script.to_string(),
+    ]);
+    run.expect_status(0);
+    assert!(
+        run.stdout.contains("\"decode_state\":\"commit\""),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("dax=always"), "{}", run.stdout);
+    assert!(run.stdout.contains("written"), "{}", run.stdout);
+}

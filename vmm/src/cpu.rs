@@ -32,15 +32,33 @@ pub enum EntryMode {
 const CPUID_HYPERVISOR_BIT: u32 = 1 << 31;
 
 /// Adjusts the KVM-supported CPUID for vCPU `index` of `count` (Intel SDM vol. 2A "CPUID").
-pub fn configure_cpuid(base: &CpuId, index: u32, count: u32) -> CpuId {
+/// With `hide_hypervisor`, CPUID.1:ECX[31] is clear and the hypervisor leaves (0x4000_0000+)
+/// are gone: the guest believes it runs on bare metal (no kvmclock or other PV features). Linux's
+/// `cpu_cache_has_invalidate_memregion()` needs that to commit CXL regions itself.
+pub fn configure_cpuid(base: &CpuId, index: u32, count: u32, hide_hypervisor: bool) -> CpuId {
     let mut cpuid = base.clone();
+    if hide_hypervisor {
+        let kept: Vec<_> = cpuid
+            .as_slice()
+            .iter()
+            .filter(|e| !(0x4000_0000..0x5000_0000).contains(&e.function))
+            .copied()
+            .collect();
+        if let Ok(filtered) = CpuId::from_entries(&kept) {
+            cpuid = filtered;
+        }
+    }
     let threads_shift = 32 - (count.max(1) - 1).leading_zeros();
     for entry in cpuid.as_mut_slice().iter_mut() {
         match entry.function {
             0x1 => {
                 // Initial APIC ID [31:24], logical processor count [23:16], CLFLUSH size 8 qwords.
                 entry.ebx = (index << 24) | ((count & 0xff) << 16) | (8 << 8);
-                entry.ecx |= CPUID_HYPERVISOR_BIT;
+                if hide_hypervisor {
+                    entry.ecx &= !CPUID_HYPERVISOR_BIT;
+                } else {
+                    entry.ecx |= CPUID_HYPERVISOR_BIT;
+                }
                 if count > 1 {
                     entry.edx |= 1 << 28; // HTT: the count field above is valid.
                 }

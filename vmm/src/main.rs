@@ -142,6 +142,11 @@ struct RunArgs {
     /// assembles the regions itself.
     #[arg(long)]
     cxl_precommit: bool,
+    /// Hide the hypervisor from the guest (CPUID.1:ECX[31] clear, no KVM leaves). Lets the guest
+    /// kernel commit CXL regions itself (it refuses inside a VM: no cache invalidation), at the
+    /// cost of kvmclock and other paravirtual features.
+    #[arg(long)]
+    cpuid_no_hypervisor: bool,
     /// Command to run in the guest (after `--`); without it, an interactive console.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -334,6 +339,7 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         timeout,
         cxl_devices,
         cxl_precommit: args.cxl_precommit,
+        hide_hypervisor: args.cpuid_no_hypervisor,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {
@@ -453,6 +459,9 @@ fn run_nested(
     }
     if args.cxl_precommit {
         argv.push("--cxl-precommit".into());
+    }
+    if args.cpuid_no_hypervisor {
+        argv.push("--cpuid-no-hypervisor".into());
     }
     if args.console {
         argv.push("--console".into());

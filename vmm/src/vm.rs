@@ -82,6 +82,8 @@ pub struct VmConfig {
     pub cxl_devices: Vec<crate::cxl::CxlType3Spec>,
     /// Commit their HDM decoders before boot (`--cxl-precommit`).
     pub cxl_precommit: bool,
+    /// Hide the hypervisor from the guest's CPUID (`--cpuid-no-hypervisor`).
+    pub hide_hypervisor: bool,
 }
 
 /// How a run ended.
@@ -441,11 +443,27 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         acpi::create_acpi_tables(&acpi_config).map_err(|e| VmError::Acpi(e.to_string()))?;
     vm_memory::Bytes::write_slice(&mem, &tables.bytes, GuestAddress(tables.base))
         .map_err(|e| VmError::Acpi(e.to_string()))?;
+    // vCPU file descriptors first: the TSC frequency is needed on the command line when the
+    // hypervisor is hidden (no kvmclock; HW-reduced ACPI has no PIT/PM timer to calibrate on).
+    let mut vcpu_fds = Vec::new();
+    for index in 0..config.cpus {
+        vcpu_fds.push(
+            vm.create_vcpu(u64::from(index))
+                .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?,
+        );
+    }
+    let mut cmdline = config.cmdline.clone();
+    if config.hide_hypervisor {
+        let khz = vcpu_fds[0]
+            .get_tsc_khz()
+            .map_err(|e| VmError::Ioctl("KVM_GET_TSC_KHZ", e))?;
+        cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
     let spec = BootSpec {
         kernel: &config.kernel,
         initrd: config.initrd.as_deref(),
         initrd_extra: config.initrd_extra.clone(),
-        cmdline: config.cmdline.clone(),
+        cmdline,
         rsdp_addr: tables.rsdp_addr,
         e820: memory::e820_map(config.memory),
         low_ram_end: ram_ranges[0].1,
@@ -458,11 +476,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
     let stopping = Arc::new(AtomicBool::new(false));
     let mut vcpu_threads = Vec::new();
-    for index in 0..config.cpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(index))
-            .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
-        let cpuid = cpu::configure_cpuid(&supported, index, config.cpus);
+    for (index, vcpu) in (0..config.cpus).zip(vcpu_fds) {
+        let cpuid = cpu::configure_cpuid(&supported, index, config.cpus, config.hide_hypervisor);
         let boot = (index == 0).then_some((entry.mode, entry.boot_info));
         cpu::setup_vcpu(&vcpu, &mem, &cpuid, boot)?;
         let pio = pio.clone();
