@@ -7,6 +7,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v zstd >/dev/null || need+=(zstd)
+command -v iasl >/dev/null && command -v acpiexec >/dev/null || need+=(acpica-tools)
 command -v apt-get >/dev/null || { echo "install-deps: apt-get not found (Debian-based host required)" >&2; exit 1; }
 if [ "${#need[@]}" -gt 0 ]; then
     echo "install-deps: installing ${need[*]}" >&2

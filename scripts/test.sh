@@ -12,5 +12,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
 target/debug/vmm images build >/dev/null
 cargo test --workspace --locked -- --test-threads=2
+# The ACPI tables through ACPICA's own disassembler and interpreter (iasl, acpiexec).
+cargo test -p vmm --bins --locked -- --ignored
 # Replay the fuzz corpora through the fuzz targets' logic (stable Rust, no libFuzzer).
 (cd fuzz && cargo test --locked)
