@@ -62,7 +62,11 @@ fn precommitted_ram_region_is_system_ram_on_its_own_node() {
         # All of node 1 (the CXL window's node) can be allocated and touched by a bound process.
         free_mb=$(numactl -H | sed -n 's/^node 1 free: \([0-9]*\) MB/\1/p')
         echo "node1-free-mb $free_mb"
-        numactl --membind=1 memhog -r1 $((free_mb - 16))M >/dev/null
+        if ! numactl --membind=1 memhog -r1 $((free_mb - 32))M >/dev/null; then
+            dmesg | grep -B2 -A50 -i 'invoked oom' >&2
+            grep -A8 'Node 1, zone' /proc/zoneinfo >&2
+            exit 1
+        fi
         echo "filled"
     "#;
     let run = guest([
