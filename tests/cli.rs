@@ -161,3 +161,17 @@ fn cxl_backing_file_of_the_wrong_size_is_refused_and_left_alone() {
     assert_one_line_error(&run, "refusing to resize");
     assert_eq!(std::fs::read(&img).unwrap(), b"precious user data");
 }
+
+#[test]
+fn bad_guest_file_is_one_line_error() {
+    let run = vmm(["run", "--guest-file", "/no/such/tool", "--", "true"]);
+    assert_one_line_error(&run, "/no/such/tool");
+    let run = vmm([
+        "run",
+        "--guest-file",
+        "/proc/self/exe:relative",
+        "--",
+        "true",
+    ]);
+    assert_one_line_error(&run, "'relative'");
+}

@@ -11,7 +11,7 @@
 #   * otherwise an interactive login shell on the console; power off when it exits.
 # init must never exit: the kernel panics when it does.
 
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 
 say() {

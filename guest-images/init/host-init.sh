@@ -17,6 +17,7 @@
 #     status        written here: the command's exit status (0..255), decimal
 #     error         written here when the host could not be set up: one line
 #     ready         created here when an interactive command's terminal is set up
+#     started       created here just before the command runs (a host crash before it is retried)
 #     stdout/stderr the command's streams that are not terminals outside (relayed by cat)
 #
 # Everything the outer process needs to tell success from failure is in `status`/`error`; the
@@ -175,6 +176,7 @@ if [ "$VMM_MODE" = interactive ]; then
 		err=/run/stderr.fifo
 	fi
 	: >"$RUN/ready" # the outer vmm starts forwarding input now (earlier input would be lost)
+	: >"$RUN/started"
 	setsid -c chroot "$HOST" /bin/sh /run/vmm/cmd.sh <"$tty" >"$tty" 2>"$err" 3<&-
 	status=$?
 	wait_relays
@@ -195,6 +197,7 @@ else
 		relay stderr
 		err=/run/stderr.fifo
 	fi
+	: >"$RUN/started"
 	setsid chroot "$HOST" /bin/sh /run/vmm/cmd.sh </dev/null >"$out" 2>"$err" 3<&- 4<&-
 	status=$?
 	wait_relays

@@ -9,7 +9,8 @@
 //! * A run directory `<cache>/host-runs/run-<pid>-<nanos>/` (never under `/tmp`, which the host
 //!   hides) holds `config` (shell assignments for the host's `/init`), `cmd.sh` (the command as a
 //!   shell script with every argument and environment value single-quoted, so any byte but NUL
-//!   survives), and receives `status` / `error` / `stdout` / `stderr` from the host, plus
+//!   survives), and receives `started` (just before the command runs), `status` / `error` /
+//!   `stdout` / `stderr` from the host, plus
 //!   `console.log` and `qemu.log`.
 //! * QEMU exports this machine's `/` read-write (9p tag `host`) and the run directory (tag
 //!   `vmmrun`). The host's `/init` (`guest-images/init/host-init.sh`) loads kvm-amd and 9p, mounts
@@ -158,6 +159,9 @@ pub enum HostError {
         console_log: PathBuf,
         /// The console log's last lines, joined with " | ".
         tail: String,
+        /// Whether the host had started the command (`started` in the run directory) before it
+        /// failed: a failure before that is safe to retry, the command never ran.
+        command_started: bool,
     },
     /// We were asked to stop (SIGINT, SIGTERM or SIGHUP); QEMU was killed. Exit with 128+signal.
     #[error("nested host: interrupted by signal {signal}; QEMU killed")]
@@ -202,6 +206,19 @@ fn tcg_accel_option() -> String {
 /// infrastructure failure worth one retry.
 pub fn is_host_crash(e: &HostError) -> bool {
     matches!(e, HostError::Failed { reason, .. } if reason.starts_with("host kernel panic"))
+}
+
+/// True if the nested host's kernel crashed before the command started: retrying cannot run
+/// the command twice.
+pub fn is_host_crash_before_command(e: &HostError) -> bool {
+    is_host_crash(e)
+        && matches!(
+            e,
+            HostError::Failed {
+                command_started: false,
+                ..
+            }
+        )
 }
 
 /// True inside the nested host (the command's environment has [`NESTED_MARKER_ENV`]).
@@ -690,6 +707,7 @@ impl Plan {
                 let kept = self.keep("failed");
                 let console_log = kept.join("console.log");
                 Err(HostError::Failed {
+                    command_started: kept.join("started").exists(),
                     tail: last_lines(&console_log, TAIL_LINES),
                     console_log,
                     reason,

@@ -147,6 +147,11 @@ struct RunArgs {
     /// cost of kvmclock and other paravirtual features.
     #[arg(long)]
     cpuid_no_hypervisor: bool,
+    /// Copy a host file into the guest's initramfs (repeatable): `SRC[:DEST]`. DEST defaults to
+    /// `/usr/local/bin/<name of SRC>`; the file keeps its permission bits. Handy for test
+    /// programs (build them static: the guest has Debian's libc, not necessarily yours).
+    #[arg(long = "guest-file", value_name = "SRC[:DEST]")]
+    guest_file: Vec<String>,
     /// Command to run in the guest (after `--`); without it, an interactive console.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -251,6 +256,11 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
             "--cxl-precommit needs at least one --cxl-type3 device",
         ));
     }
+    let guest_files = args
+        .guest_file
+        .iter()
+        .map(|spec| GuestFile::parse(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(k) = &args.kernel
         && !k.is_file()
     {
@@ -311,11 +321,10 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
     }
 
     let command_mode = !args.command.is_empty();
-    let initrd_extra = if command_mode {
-        guest_command_archive(&args.command)
-    } else {
-        Vec::new()
-    };
+    let initrd_extra = guest_extra_archive(
+        command_mode.then_some(args.command.as_slice()),
+        &guest_files,
+    )?;
     let mut cmdline = BASE_CMDLINE.to_string();
     if !args.cmdline.trim().is_empty() {
         cmdline.push(' ');
@@ -401,9 +410,79 @@ fn restart_self() -> Result<u8, Failure> {
     )))
 }
 
-/// The cpio archive appended to the initrd in command mode: `/vmm/args`, a shell fragment that
-/// sets the positional parameters to the command, quoted so that any byte but NUL survives.
-fn guest_command_archive(command: &[OsString]) -> Vec<u8> {
+/// A `--guest-file SRC[:DEST]`: a host file copied into the guest's initramfs.
+#[derive(Debug, Clone)]
+struct GuestFile {
+    source: PathBuf,
+    dest: String,
+}
+
+impl GuestFile {
+    fn parse(spec: &str) -> Result<Self, Failure> {
+        let (source, dest) = match spec.rsplit_once(':') {
+            Some((s, d)) => (PathBuf::from(s), Some(d.to_string())),
+            None => (PathBuf::from(spec), None),
+        };
+        if !source.is_file() {
+            return Err(Failure::vmm(format!(
+                "invalid --guest-file '{spec}': '{}' is not a readable file",
+                source.display()
+            )));
+        }
+        let dest = match dest {
+            Some(d) if d.starts_with('/') && d.len() > 1 && !d.ends_with('/') => d,
+            Some(d) => {
+                return Err(Failure::vmm(format!(
+                    "invalid --guest-file '{spec}': destination '{d}' must be an absolute file path"
+                )));
+            }
+            None => {
+                let name = source.file_name().map(|n| n.to_string_lossy().into_owned());
+                format!("/usr/local/bin/{}", name.unwrap_or_default())
+            }
+        };
+        if guest_images::cpio::normalize_path(&dest).is_err() {
+            return Err(Failure::vmm(format!(
+                "invalid --guest-file '{spec}': destination '{dest}' is not a valid path"
+            )));
+        }
+        Ok(Self {
+            source: absolute(&source),
+            dest,
+        })
+    }
+}
+
+/// The cpio archive appended to the initrd: the `--guest-file` files and, in command mode,
+/// `/vmm/args`, a shell fragment that sets the positional parameters to the command (see
+/// [`guest_command_script`]). Empty when there is nothing to add.
+fn guest_extra_archive(
+    command: Option<&[OsString]>,
+    files: &[GuestFile],
+) -> Result<Vec<u8>, Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    if command.is_none() && files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut archive = guest_images::cpio::Archive::new();
+    for f in files {
+        let data = std::fs::read(&f.source)
+            .map_err(|e| Failure::vmm(format!("--guest-file '{}': {e}", f.source.display())))?;
+        let perm = std::fs::metadata(&f.source)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o644);
+        archive
+            .insert(&f.dest, guest_images::cpio::Node::File { perm, data })
+            .map_err(|e| Failure::vmm(format!("--guest-file '{}': {e}", f.dest)))?;
+    }
+    if let Some(command) = command {
+        archive.file("vmm/args", 0o644, guest_command_script(command));
+    }
+    Ok(archive.finish())
+}
+
+/// `/vmm/args`: `set -- 'arg' ...`, every argument single-quoted.
+fn guest_command_script(command: &[OsString]) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     let mut script = b"set --".to_vec();
     for arg in command {
@@ -418,10 +497,7 @@ fn guest_command_archive(command: &[OsString]) -> Vec<u8> {
         script.push(b'\'');
     }
     script.push(b'\n');
-    let mut archive = guest_images::cpio::Archive::new();
-    archive.directory("vmm", 0o755);
-    archive.file("vmm/args", 0o644, &script);
-    archive.finish()
+    script
 }
 
 fn run_nested(
@@ -470,6 +546,15 @@ fn run_nested(
         argv.push("--console-log".into());
         argv.push(absolute(log).into_os_string());
     }
+    for spec in &args.guest_file {
+        // Validated already; the nested re-run needs absolute sources.
+        let f = GuestFile::parse(spec)?;
+        let mut arg = OsString::from("--guest-file=");
+        arg.push(f.source.as_os_str());
+        arg.push(":");
+        arg.push(&f.dest);
+        argv.push(arg);
+    }
     if !args.command.is_empty() {
         argv.push("--".into());
         argv.extend(args.command.iter().cloned());
@@ -485,12 +570,19 @@ fn run_nested(
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
     };
-    host::run_in_nested_host(&opts, &argv)
-        .map_err(Failure::vmm)
-        .and_then(|status| {
-            u8::try_from(status)
-                .map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
-        })
+    let result = match host::run_in_nested_host(&opts, &argv) {
+        Err(e) if host::is_host_crash_before_command(&e) => {
+            eprintln!(
+                "vmm: the nested host's kernel crashed while booting, before the command ran ({e}); retrying once"
+            );
+            host::run_in_nested_host(&opts, &argv)
+        }
+        other => other,
+    };
+    result.map_err(Failure::vmm).and_then(|status| {
+        u8::try_from(status)
+            .map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
+    })
 }
 
 /// Extra time the nested host gets beyond `--timeout` (its own boot and shutdown) before the
