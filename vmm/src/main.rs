@@ -54,7 +54,7 @@ struct Cli {
 enum Command {
     /// Boot a guest; with `-- CMD ARGS...` run CMD in it and exit with its status.
     #[command(after_help = EXIT_CODES_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build or update the pinned guest images.
     Images {
         #[command(subcommand)]
@@ -211,7 +211,7 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let result = match cli.command {
-        Command::Run(args) => cmd_run(args, started),
+        Command::Run(args) => cmd_run(*args, started),
         Command::Images { action } => cmd_images(action),
         Command::Host(args) => cmd_host(args),
     };
