@@ -125,3 +125,58 @@ pub fn default_image() -> guest_images::GuestImage {
         .guest(guest_images::DEFAULT_PROFILE)
         .expect("building the default guest image")
 }
+
+/// Builds the guest tool `tests/guest-tools/<name>.rs` (a single-file, std-only program) into a
+/// static binary with the host's `rustc` (or `$RUSTC`) and returns its path, for
+/// `vmm run --guest-file`. Built at most once per test process, into
+/// `$CARGO_TARGET_TMPDIR/guest-tools/`; a binary newer than its source is reused. A compile failure panics with rustc's output.
+pub fn guest_tool(name: &str) -> std::path::PathBuf {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest-tools");
+    let source = tools.join(format!("{name}.rs"));
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-tools");
+    std::fs::create_dir_all(&out_dir).expect("creating the guest-tools directory");
+    let binary = out_dir.join(name);
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source_time = modified(&source)
+        .unwrap_or_else(|| panic!("guest tool source {} is missing", source.display()));
+    let fresh = modified(&binary).is_some_and(|b| b >= source_time);
+    if !fresh {
+        // Build under a private name, then rename: another test process may be reading the
+        // previous binary.
+        let tmp = out_dir.join(format!(".{name}.{}", std::process::id()));
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        let out = Command::new(&rustc)
+            .args([
+                "--edition",
+                "2024",
+                "-O",
+                "-C",
+                "target-feature=+crt-static",
+            ])
+            .arg(&source)
+            .arg("-o")
+            .arg(&tmp)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", rustc.to_string_lossy()));
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            panic!(
+                "compiling guest tool {} failed ({}):\n{}",
+                source.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::rename(&tmp, &binary).expect("installing the guest tool");
+    }
+    built.insert(name.to_string(), binary.clone());
+    binary
+}
