@@ -94,7 +94,7 @@ fn parse_u64(what: &str, s: &str) -> u64 {
 struct Mapping {
     ptr: *mut c_void,
     map_len: usize,
-    _file: Option<File>,
+    file: Option<File>,
 }
 
 impl Mapping {
@@ -107,7 +107,16 @@ impl Mapping {
         self.ptr.cast()
     }
 
+    /// Writes a regular file's dirty pages back (device dax has no page cache: stores are in
+    /// the device's memory already, and msync on it fails with EINVAL).
     fn sync(&self) {
+        if !self
+            .file
+            .as_ref()
+            .is_some_and(|f| f.metadata().is_ok_and(|m| m.file_type().is_file()))
+        {
+            return;
+        }
         // SAFETY: msync on exactly the range this mapping owns.
         let rc = unsafe { msync(self.ptr, self.map_len, MS_SYNC) };
         if rc != 0 {
@@ -202,7 +211,7 @@ fn map_path(path: &str, len_arg: &str) -> (Mapping, usize) {
         Mapping {
             ptr,
             map_len,
-            _file: Some(file),
+            file: Some(file),
         },
         len as usize,
     )
@@ -231,7 +240,7 @@ fn map_anon(len: usize, node: Option<u32>) -> Mapping {
     let mapping = Mapping {
         ptr,
         map_len,
-        _file: None,
+        file: None,
     };
     if let Some(node) = node {
         if node >= 64 {
