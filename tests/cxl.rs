@@ -230,3 +230,122 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
     assert!(run.stdout.contains("dax=always"), "{}", run.stdout);
     assert!(run.stdout.contains("written"), "{}", run.stdout);
 }
+
+/// The pattern word `memio fill` writes at byte offset `off` of the mapping for `seed`
+/// (tests/guest-tools/memio.rs), computed independently here: splitmix64's finaliser of
+/// `off + mix64(seed)`.
+fn memio_pattern(seed: u64, off: u64) -> u64 {
+    fn mix64(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    mix64(off.wrapping_add(mix64(seed)))
+}
+
+/// The hexadecimal or decimal value printed after `key ` on a line of `out`.
+fn reported(out: &str, key: &str) -> u64 {
+    let text = out
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no '{key}' line in\n{out}"))
+        .trim();
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .unwrap_or_else(|e| panic!("'{key} {text}': {e}"))
+}
+
+#[test]
+fn devdax_writes_through_mmap_land_in_the_device_memory() {
+    // The precommitted RAM region comes up as a kmem (System RAM) dax device; daxctl turns it
+    // back into a device-dax instance, memio writes a pattern over all of it through a shared
+    // mapping and reads it back in the guest. After power-off the backing file must hold that
+    // pattern at the DPA the region maps (the volatile partition is file offset 0..).
+    //
+    // memhp_default_state=offline: kmem would otherwise online the blocks into ZONE_NORMAL,
+    // where the kernel soon places unmovable allocations and daxctl cannot offline them again
+    // ("Failed to offline .../memory2048/state: Device or resource busy").
+    const SEED: u64 = 0xC0FF_EE0D_DBA1_1000;
+    let img = scratch("devdax.img");
+    let memio = common::guest_tool("memio");
+    let script = format!(
+        r#"
+        set -e
+        daxctl list
+        daxctl reconfigure-device --mode=devdax --force dax0.0
+        echo "after-reconfigure"
+        daxctl list
+        r=/sys/bus/cxl/devices/region0
+        echo "region-resource $(cat $r/resource)"
+        echo "endpoint-dpa $(cat /sys/bus/cxl/devices/$(cat $r/target0)/dpa_resource)"
+        echo "dax-resource $(cat /sys/bus/dax/devices/dax0.0/resource)"
+        echo "dax-size $(cat /sys/bus/dax/devices/dax0.0/size)"
+        memio fill /dev/dax0.0 all {SEED}
+        memio check /dev/dax0.0 all {SEED}
+        "#
+    );
+    let run = guest([
+        "run".to_string(),
+        TIMEOUT.to_string(),
+        "--memory=1G".to_string(),
+        "--cxl-precommit".to_string(),
+        "--cmdline=memhp_default_state=offline".to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=0,backing={}",
+            img.display()
+        ),
+        format!("--guest-file={}", memio.display()),
+        "--".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        script,
+    ]);
+    run.expect_status(0);
+    let out = &run.stdout;
+    let (before, after) = out.split_once("after-reconfigure").expect("both listings");
+    assert!(before.contains("\"mode\":\"system-ram\""), "{out}");
+    assert!(after.contains("\"chardev\":\"dax0.0\""), "{out}");
+    assert!(after.contains("\"mode\":\"devdax\""), "{out}");
+    assert!(out.contains("memio-check path=/dev/dax0.0"), "{out}");
+    assert!(out.contains(" ok "), "{out}");
+
+    let size = reported(out, "dax-size");
+    let region = reported(out, "region-resource");
+    let dax = reported(out, "dax-resource");
+    let dpa = reported(out, "endpoint-dpa");
+    // All but at most the alignment slack of the 256 MiB region is device dax.
+    assert!(
+        size > (254 << 20) && size <= 256 << 20,
+        "dax size {size}\n{out}"
+    );
+    assert!(dax >= region, "{out}");
+    let file_offset = dpa + (dax - region);
+
+    // The host's view: the device's memory is the backing file.
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(&img).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), 256 << 20);
+    file.seek(SeekFrom::Start(file_offset)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        file.read_exact(&mut buf[..n]).unwrap();
+        for (i, word) in buf[..n].chunks_exact(8).enumerate() {
+            let at = off + i as u64 * 8;
+            let found = u64::from_le_bytes(word.try_into().unwrap());
+            let want = memio_pattern(SEED, at);
+            assert_eq!(
+                found,
+                want,
+                "backing file offset {:#x} (dax offset {at:#x}): found {found:#018x}, \
+                 expected {want:#018x}",
+                file_offset + at
+            );
+        }
+        off += n as u64;
+    }
+}
