@@ -6,13 +6,20 @@
 //! ```text
 //! memio fill  PATH LEN SEED     write the pattern of SEED over bytes 0..LEN of PATH
 //! memio check PATH LEN SEED     verify it; exit 1 naming the first mismatching offset
-//! memio bw    TARGET LEN [ROUNDS]
-//!             sequential write (memset) then sequential read (sum) of LEN bytes, ROUNDS times
-//!             (default 3) after one untimed first-touch pass; prints one line
-//!             `memio-bw target=.. bytes=.. rounds=.. first_touch_mb_s=.. write_mb_s=..
-//!             read_mb_s=.. write_best_mb_s=.. read_best_mb_s=.. nodes=..`
-//!             (MB = 10^6 bytes; write/read = total bytes / total time over the rounds;
-//!             nodes = NUMA node:page count of the mapping's pages, from move_pages(2)).
+//! memio bw    TARGET LEN [ROUNDS] [--u64] [--max-secs=S]
+//!             sequential write then sequential read of LEN bytes, ROUNDS times (default 3),
+//!             after one first-touch write pass (page faults; reported, not in the rates);
+//!             prints one line
+//!             `memio-bw target=.. bytes=.. requested=.. rounds=.. access=vec|u64
+//!             first_touch_mb_s=.. write_mb_s=.. read_mb_s=.. write_best_mb_s=..
+//!             read_best_mb_s=.. partial=0|1 nodes=..`
+//!             MB = 10^6 bytes; write/read = total bytes / total time over the rounds, best =
+//!             the fastest round; nodes = `node:pages` of the mapping's pages (move_pages(2)).
+//!             Access: memset and a vectorised sum (default), or `--u64`: one volatile 64-bit
+//!             load or store per word (all an instruction emulator handles on emulated MMIO).
+//!             `--max-secs=S` caps every pass at about S seconds (checked every 256 KiB): the
+//!             first-touch pass then fixes `bytes` (what later passes cover; `requested` is
+//!             LEN) and `partial=1` says a later pass was cut short.
 //! ```
 //!
 //! PATH is a regular file (never extended: LEN must fit) or a character device such as a
@@ -98,10 +105,6 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn bytes(&self) -> *mut u8 {
-        self.ptr.cast()
-    }
-
     /// The mapping as 64-bit words (mmap returns page-aligned addresses).
     fn words(&self) -> *mut u64 {
         self.ptr.cast()
@@ -332,6 +335,16 @@ fn check(path: &str, len: &str, seed: u64) -> ExitCode {
     }
 }
 
+/// How `bw` touches memory.
+#[derive(Clone, Copy, PartialEq)]
+enum Access {
+    /// `memset` for writes, a vectorised sum for reads: what ordinary code does.
+    Vec,
+    /// One volatile 64-bit `mov` per word: the only kind of access a hypervisor's instruction
+    /// emulator reliably handles when the memory is emulated MMIO (QEMU's CXL window).
+    U64,
+}
+
 /// Sum of the words of `len` bytes at `p`, read in order (four independent accumulators so
 /// the loop is not latency-bound; the compiler vectorises it).
 fn read_sum(p: *const u64, len: usize) -> u64 {
@@ -353,6 +366,44 @@ fn write_all(p: *mut u8, len: usize, byte: u8) {
     // SAFETY: callers pass a live writable mapping of at least `len` bytes.
     unsafe { std::ptr::write_bytes(std::hint::black_box(p), byte, len) };
     std::hint::black_box(p);
+}
+
+/// Sequential pass over bytes 0..`len` of `p`, writing `byte` or reading, in
+/// chunks; stops early once `max_secs` have passed. Returns (bytes done, seconds).
+fn pass(p: *mut u64, len: usize, write: Option<u8>, access: Access, max_secs: f64) -> (usize, f64) {
+    const CHUNK: usize = 256 << 10;
+    let t = Instant::now();
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        let at = p.wrapping_add(done / 8);
+        match (access, write) {
+            (Access::Vec, Some(b)) => write_all(at.cast(), n, b),
+            (Access::Vec, None) => {
+                read_sum(at, n);
+            }
+            (Access::U64, Some(b)) => {
+                let word = u64::from_ne_bytes([b; 8]);
+                for i in 0..n / 8 {
+                    // SAFETY: within the caller's live mapping (done + n <= len), 8-aligned.
+                    unsafe { at.add(i).write_volatile(word) };
+                }
+            }
+            (Access::U64, None) => {
+                let mut sum = 0u64;
+                for i in 0..n / 8 {
+                    // SAFETY: as above.
+                    sum = sum.wrapping_add(unsafe { at.add(i).read_volatile() });
+                }
+                std::hint::black_box(sum);
+            }
+        }
+        done += n;
+        if t.elapsed().as_secs_f64() >= max_secs {
+            break;
+        }
+    }
+    (done, t.elapsed().as_secs_f64())
 }
 
 /// `node:pages` counts of the mapping's pages (`move_pages(2)` with no target nodes reports
@@ -389,7 +440,7 @@ fn page_nodes(p: *mut u8, len: usize) -> String {
         .join(",")
 }
 
-fn bw(target: &str, len: &str, rounds: u32) -> ExitCode {
+fn bw(target: &str, len: &str, rounds: u32, access: Access, max_secs: f64) -> ExitCode {
     if rounds == 0 {
         fail("ROUNDS must be at least 1");
     }
@@ -412,37 +463,42 @@ fn bw(target: &str, len: &str, rounds: u32) -> ExitCode {
         }
         None => map_path(target, len),
     };
-    let p = map.bytes();
+    let len = len / 8 * 8;
+    let requested = len;
+    let p = map.words();
     let mb = |bytes: f64, secs: f64| bytes / secs / 1e6;
 
     // Untimed for the rates below: first touch (page faults, zeroing, device-dax faults).
-    let t = Instant::now();
-    write_all(p, len, 0x5a);
-    let first_touch = mb(len as f64, t.elapsed().as_secs_f64());
-    let nodes = page_nodes(p, len);
+    // Only what it touched is measured afterwards.
+    let (len, secs) = pass(p, len, Some(0x5a), access, max_secs);
+    let first_touch = mb(len as f64, secs);
+    let nodes = page_nodes(p.cast(), len);
 
-    let (mut wsum, mut rsum, mut wbest, mut rbest) = (0.0f64, 0.0f64, f64::MAX, f64::MAX);
+    let (mut wbytes, mut rbytes) = (0usize, 0usize);
+    let (mut wsum, mut rsum, mut wbest, mut rbest) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let mut partial = false;
     for r in 0..rounds {
-        let t = Instant::now();
-        write_all(p, len, r as u8);
-        let w = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        read_sum(map.words(), len);
-        let rd = t.elapsed().as_secs_f64();
+        let (wb, w) = pass(p, len, Some(r as u8), access, max_secs);
+        let (rb, rd) = pass(p, len, None, access, max_secs);
+        partial |= wb < len || rb < len;
+        wbytes += wb;
+        rbytes += rb;
         wsum += w;
         rsum += rd;
-        wbest = wbest.min(w);
-        rbest = rbest.min(rd);
+        wbest = wbest.max(mb(wb as f64, w));
+        rbest = rbest.max(mb(rb as f64, rd));
     }
-    let total = len as f64 * f64::from(rounds);
+    let access = match access {
+        Access::Vec => "vec",
+        Access::U64 => "u64",
+    };
     println!(
-        "memio-bw target={target} bytes={len} rounds={rounds} first_touch_mb_s={first_touch:.1} \
-         write_mb_s={:.1} read_mb_s={:.1} write_best_mb_s={:.1} read_best_mb_s={:.1} \
-         nodes={nodes}",
-        mb(total, wsum),
-        mb(total, rsum),
-        mb(len as f64, wbest),
-        mb(len as f64, rbest),
+        "memio-bw target={target} bytes={len} requested={requested} rounds={rounds} access={access} \
+         first_touch_mb_s={first_touch:.1} write_mb_s={:.1} read_mb_s={:.1} \
+         write_best_mb_s={wbest:.1} read_best_mb_s={rbest:.1} partial={} nodes={nodes}",
+        mb(wbytes as f64, wsum),
+        mb(rbytes as f64, rsum),
+        u8::from(partial),
     );
     ExitCode::SUCCESS
 }
@@ -450,23 +506,42 @@ fn bw(target: &str, len: &str, rounds: u32) -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: memio fill PATH LEN SEED | memio check PATH LEN SEED | \
-         memio bw PATH|anon|anon:NODE LEN [ROUNDS]\n\
+         memio bw PATH|anon|anon:NODE LEN [ROUNDS] [--u64] [--max-secs=S]\n\
          LEN: bytes with optional K/M/G suffix, or 'all' (whole file or device)"
     );
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // bw options, anywhere after the subcommand.
+    let mut access = Access::Vec;
+    let mut max_secs = f64::INFINITY;
+    args.retain(|a| {
+        if a == "--u64" {
+            access = Access::U64;
+        } else if let Some(v) = a.strip_prefix("--max-secs=") {
+            max_secs = v
+                .parse()
+                .ok()
+                .filter(|s: &f64| *s > 0.0)
+                .unwrap_or_else(|| fail(format!("bad --max-secs '{v}'")));
+        } else {
+            return true;
+        }
+        false
+    });
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["fill", path, len, seed] => fill(path, len, parse_u64("seed", seed)),
         ["check", path, len, seed] => check(path, len, parse_u64("seed", seed)),
-        ["bw", target, len] => bw(target, len, 3),
+        ["bw", target, len] => bw(target, len, 3, access, max_secs),
         ["bw", target, len, rounds] => bw(
             target,
             len,
             u32::try_from(parse_u64("rounds", rounds)).unwrap_or_else(|_| fail("bad rounds")),
+            access,
+            max_secs,
         ),
         _ => usage(),
     }
