@@ -306,6 +306,8 @@ pub struct CxlDeviceHandles {
     pub spec: CxlType3Spec,
     pub port_number: u8,
     pub device: Arc<Mutex<devices::cxl::CxlType3Device>>,
+    /// The device's command set and state, shared with the register model (control API).
+    pub memdev: devices::cxl::memdev::SharedMemdev,
 }
 
 /// PCI device number of the CXL root port of device `index` (00:02.0, 00:03.0, …).
@@ -438,6 +440,7 @@ pub fn build_topology(
             spec: spec.clone(),
             port_number,
             device,
+            memdev: SharedMemdev(memdev),
         });
     }
     let mut hb_cfg = CxlHostBridgeConfig::new(ports, vec![window]);

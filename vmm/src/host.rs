@@ -107,7 +107,13 @@ pub struct NestedHostOptions {
     pub workdir: PathBuf,
     /// Connect our terminal (stdin) to the command; otherwise its stdin is `/dev/null`.
     pub interactive: bool,
+    /// QEMU's end of the control link: becomes the host's [`CONTROL_PORT_TTY`] (the VMM inside
+    /// serves the control API there; `control::Relay` holds the other end).
+    pub control_port: Option<Arc<OwnedFd>>,
 }
+
+/// The nested host's serial port that carries the control API (`vmm run --control`).
+pub const CONTROL_PORT_TTY: &str = "/dev/ttyS3";
 
 impl Default for NestedHostOptions {
     /// No kernel or initramfs yet; 2 vCPUs, 6 GiB, the current directory, non-interactive.
@@ -119,6 +125,7 @@ impl Default for NestedHostOptions {
             memory_mib: DEFAULT_MEMORY_MIB,
             workdir: PathBuf::from("."),
             interactive: false,
+            control_port: None,
         }
     }
 }
@@ -414,7 +421,15 @@ impl Plan {
         push("-append");
         push(cmdline);
         // ttyS0: host console; ttyS1: stdout or the interactive terminal; ttyS2: stderr.
-        for (id, port) in [("con", Port::Pipe(con)), ("tty1", tty1), ("tty2", tty2)] {
+        // ttyS3: the control link, when there is one.
+        let ctl = opts
+            .control_port
+            .as_ref()
+            .map(|fd| ("ctl", Port::Socket(fd.as_raw_fd())));
+        for (id, port) in [("con", Port::Pipe(con)), ("tty1", tty1), ("tty2", tty2)]
+            .into_iter()
+            .chain(ctl)
+        {
             match port {
                 Port::Pipe(fd) => {
                     push("-chardev");
@@ -515,7 +530,11 @@ impl Plan {
             .stderr(qemu_log)
             // Keyboard signals reach only us; we stop QEMU ourselves.
             .process_group(0);
-        let inherit: Vec<RawFd> = qemu_fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let inherit: Vec<RawFd> = qemu_fds
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .chain(opts.control_port.as_ref().map(|fd| fd.as_raw_fd()))
+            .collect();
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe calls (fcntl, prctl) on descriptors it owns; `inherit` was allocated
         // before the fork and is only read.

@@ -8,7 +8,9 @@
 mod acpi;
 mod boot;
 mod config;
+mod control;
 mod cpu;
+mod ctl;
 mod cxl;
 mod host;
 mod kvm_probe;
@@ -62,6 +64,9 @@ enum Command {
     },
     /// Run CMD inside the nested-KVM host (QEMU TCG with emulated AMD SVM, real kvm-amd inside).
     Host(HostArgs),
+    /// Talk to a running VM's control socket (`vmm run --control PATH`): inject CXL poison and
+    /// events, report device state.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,6 +157,13 @@ struct RunArgs {
     /// programs (build them static: the guest has Debian's libc, not necessarily yours).
     #[arg(long = "guest-file", value_name = "SRC[:DEST]")]
     guest_file: Vec<String>,
+    /// Serve the control API (`vmm ctl`) on this UNIX socket while the VM runs: CXL poison and
+    /// event injection, device state. A stale socket there is replaced, any other file refused.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Internal (nested host): serve the control API on this serial port.
+    #[arg(long, value_name = "TTY", hide = true)]
+    control_serial: Option<PathBuf>,
     /// Command to run in the guest (after `--`); without it, an interactive console.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -214,6 +226,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd_run(*args, started),
         Command::Images { action } => cmd_images(action),
         Command::Host(args) => cmd_host(args),
+        Command::Ctl(args) => ctl::run(&args).map(|()| 0).map_err(Failure::vmm),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -319,6 +332,13 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
     if use_nested {
         return run_nested(&args, &kernel, initrd.as_ref(), memory, cpus);
     }
+    let control = match (&args.control, &args.control_serial) {
+        (Some(path), _) => Some(vm::ControlEndpoint::Socket(std::sync::Arc::new(
+            control::ControlListener::bind(path).map_err(Failure::vmm)?,
+        ))),
+        (None, Some(tty)) => Some(vm::ControlEndpoint::Serial(tty.clone())),
+        (None, None) => None,
+    };
 
     let command_mode = !args.command.is_empty();
     let initrd_extra = guest_extra_archive(
@@ -349,6 +369,7 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         cxl_devices,
         cxl_precommit: args.cxl_precommit,
         hide_hypervisor: args.cpuid_no_hypervisor,
+        control,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {
@@ -559,6 +580,24 @@ fn run_nested(
         argv.push("--".into());
         argv.extend(args.command.iter().cloned());
     }
+    // The control socket is ours (outside); requests reach the VMM inside over the nested
+    // host's control serial port.
+    let mut control_port = None;
+    let _relay = match &args.control {
+        Some(path) => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| Failure::vmm(format!("control link: {e}")))?;
+            let relay = control::Relay::start(path, std::os::fd::OwnedFd::from(ours))
+                .map_err(Failure::vmm)?;
+            control_port = Some(std::sync::Arc::new(std::os::fd::OwnedFd::from(theirs)));
+            argv.insert(
+                argv.len() - args.command.len() - usize::from(!args.command.is_empty()),
+                format!("--control-serial={}", host::CONTROL_PORT_TTY).into(),
+            );
+            Some(relay)
+        }
+        None => None,
+    };
     if let Some(t) = args.timeout {
         arm_nested_watchdog(Duration::from_secs_f64(t) + NESTED_TIMEOUT_MARGIN);
     }
@@ -569,6 +608,7 @@ fn run_nested(
         memory_mib: (memory >> 20) + 1536,
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
+        control_port,
     };
     let result = match host::run_in_nested_host(&opts, &argv) {
         Err(e) if host::is_host_crash_before_command(&e) => {
@@ -716,6 +756,7 @@ fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
         memory_mib,
         workdir: std::env::current_dir().map_err(Failure::vmm)?,
         interactive,
+        control_port: None,
     };
     let status = run_nested_with_retry(&opts, &command).map_err(host_failure)?;
     u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))

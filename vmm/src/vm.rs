@@ -51,6 +51,8 @@ pub enum VmError {
     Pci(String),
     #[error("CXL: {0}")]
     Cxl(String),
+    #[error("control API: {0}")]
+    Control(String),
     #[error("event loop failed: {0}")]
     EventLoop(String),
     #[error("I/O error: {0}")]
@@ -84,6 +86,17 @@ pub struct VmConfig {
     pub cxl_precommit: bool,
     /// Hide the hypervisor from the guest's CPUID (`--cpuid-no-hypervisor`).
     pub hide_hypervisor: bool,
+    /// Where the control API is served (`--control`), if anywhere.
+    pub control: Option<ControlEndpoint>,
+}
+
+/// Where this VMM serves the control API.
+#[derive(Debug, Clone)]
+pub enum ControlEndpoint {
+    /// A UNIX socket bound by `main` before the VM is built.
+    Socket(Arc<crate::control::ControlListener>),
+    /// The nested host's control serial port (the outer VMM relays the user's socket to it).
+    Serial(PathBuf),
 }
 
 /// How a run ended.
@@ -431,6 +444,23 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         Some(topology)
     };
     let platform = Arc::new(platform);
+    if let Some(endpoint) = &config.control {
+        let target = crate::control::ControlTarget {
+            devices: cxl_topology
+                .iter()
+                .flat_map(|t| t.devices.iter())
+                .map(|d| crate::control::ControlDevice {
+                    id: d.spec.id.clone(),
+                    memdev: d.memdev.clone(),
+                })
+                .collect(),
+        };
+        match endpoint {
+            ControlEndpoint::Socket(listener) => listener.serve(target),
+            ControlEndpoint::Serial(tty) => crate::control::serve_serial(tty, target),
+        }
+        .map_err(|e| VmError::Control(e.to_string()))?;
+    }
 
     // ACPI tables and boot.
     let ram_ranges = memory::ram_ranges(config.memory);

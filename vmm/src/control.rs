@@ -1,0 +1,972 @@
+//! Control API: fault injection and device state over a UNIX socket (`vmm run --control PATH`,
+//! driven by `vmm ctl`), the same faults QEMU's QMP `cxl-inject-*` commands offer.
+//!
+//! # Protocol
+//! JSON lines: the client writes one request object per line, the VMM answers each with one
+//! response object on one line, in order. A request names its command in `"command"`:
+//!
+//! | command | arguments |
+//! |---|---|
+//! | `query-devices` | — |
+//! | `cxl-state` | `device` |
+//! | `cxl-inject-poison`, `cxl-clear-poison` | `device`, `dpa`, `length` (64-byte multiples) |
+//! | `cxl-inject-general-media-event` | `device`, `dpa`, optional `log`, `flags`, `descriptor`, `type`, `transaction_type`, `channel`, `rank`, `dram_device`, `component_id` |
+//! | `cxl-inject-dram-event` | as general media, plus `nibble_mask`, `bank_group`, `bank`, `row`, `column` |
+//! | `cxl-inject-memory-module-event` | `device`, optional `log`, `flags`, `type`, `health_status`, `media_status`, `additional_status`, `life_used`, `temperature`, `dirty_shutdown_count`, `corrected_volatile_errors`, `corrected_persistent_errors` |
+//!
+//! `device` is the `id=` of a `--cxl-type3` device (default `cxl0`, `cxl1`, ...); `log` is one
+//! of `informational`, `warning`, `failure` (default), `fatal`. Answers are
+//! `{"ok":true,"result":...}` or `{"ok":false,"error":"one line"}`.
+//!
+//! Injected poison is what the guest's Get Poison List returns (`cxl list -L`, trace event
+//! `cxl_poison`); injected events go into the device's event logs and raise the event
+//! interrupt the guest configured (`cxl_general_media`, `cxl_dram`, `cxl_memory_module` trace
+//! events from `cxl_event_thread()`).
+//!
+//! # Transports
+//! * Direct: [`ControlListener`] listens on the socket and answers from the device models.
+//! * Nested host: the `vmm run` the user started listens on the socket ([`Relay`]) and forwards
+//!   each line over an extra serial port of the nested host (`ttyS3`) to the VMM inside, which
+//!   serves the same protocol on that port ([`serve_serial`]) after announcing itself with
+//!   [`READY_LINE`].
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use devices::cxl::events::{
+    DramEvent, EventLogKind, GeneralMediaEvent, MemoryModuleEvent, Overflow,
+};
+use devices::cxl::memdev::{HealthInfo, MemdevReport, SharedMemdev};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use thiserror::Error;
+
+/// First line the VMM inside the nested host sends on the control port once it serves it.
+pub const READY_LINE: &str = r#"{"event":"ready"}"#;
+/// Longest request line accepted (a request is a few hundred bytes).
+pub const MAX_LINE: usize = 64 * 1024;
+/// How long a relayed request waits for the VMM inside the nested host to come up.
+const RELAY_READY_WAIT: Duration = Duration::from_secs(180);
+/// How long a relayed request waits for its answer.
+const RELAY_ANSWER_WAIT: Duration = Duration::from_secs(60);
+
+/// A control-socket setup failure (user-facing, one line).
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("control socket '{path}' exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("control socket '{path}' is in use by another running VMM")]
+    InUse { path: PathBuf },
+    #[error("control socket '{path}': {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One CXL Type 3 device as the control API sees it.
+#[derive(Clone)]
+pub struct ControlDevice {
+    /// The device's `id=`.
+    pub id: String,
+    /// Its mailbox command set and state (poison list, event logs, health).
+    pub memdev: SharedMemdev,
+}
+
+/// Everything requests can act on.
+#[derive(Clone, Default)]
+pub struct ControlTarget {
+    pub devices: Vec<ControlDevice>,
+}
+
+/// Event log names on the wire.
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum LogName {
+    Informational,
+    Warning,
+    #[default]
+    Failure,
+    Fatal,
+}
+
+impl From<LogName> for EventLogKind {
+    fn from(l: LogName) -> Self {
+        match l {
+            LogName::Informational => EventLogKind::Informational,
+            LogName::Warning => EventLogKind::Warning,
+            LogName::Failure => EventLogKind::Failure,
+            LogName::Fatal => EventLogKind::Fatal,
+        }
+    }
+}
+
+/// Fields shared by General Media and DRAM events (CXL 3.0 §8.2.9.2.1.1/2).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MediaEventArgs {
+    device: String,
+    #[serde(default)]
+    log: LogName,
+    #[serde(default)]
+    flags: u32,
+    #[serde(default)]
+    maint_op_class: u8,
+    dpa: u64,
+    #[serde(default)]
+    not_repairable: bool,
+    #[serde(default)]
+    descriptor: u8,
+    #[serde(default, rename = "type")]
+    event_type: u8,
+    #[serde(default)]
+    transaction_type: u8,
+    channel: Option<u8>,
+    rank: Option<u8>,
+    /// General Media: the "Device" field (which DRAM device); QEMU calls it `device`.
+    dram_device: Option<u32>,
+    component_id: Option<String>,
+    // DRAM only.
+    nibble_mask: Option<u32>,
+    bank_group: Option<u8>,
+    bank: Option<u8>,
+    row: Option<u32>,
+    column: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryModuleArgs {
+    device: String,
+    #[serde(default)]
+    log: LogName,
+    #[serde(default)]
+    flags: u32,
+    #[serde(default)]
+    maint_op_class: u8,
+    #[serde(default, rename = "type")]
+    event_type: u8,
+    health_status: Option<u8>,
+    media_status: Option<u8>,
+    additional_status: Option<u8>,
+    life_used: Option<u8>,
+    temperature: Option<i16>,
+    dirty_shutdown_count: Option<u32>,
+    corrected_volatile_errors: Option<u32>,
+    corrected_persistent_errors: Option<u32>,
+    component_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoisonArgs {
+    device: String,
+    dpa: u64,
+    length: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceArg {
+    device: String,
+}
+
+/// A request, tagged by `command`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+enum Request {
+    QueryDevices,
+    CxlState(DeviceArg),
+    CxlInjectPoison(PoisonArgs),
+    CxlClearPoison(PoisonArgs),
+    CxlInjectGeneralMediaEvent(MediaEventArgs),
+    CxlInjectDramEvent(MediaEventArgs),
+    CxlInjectMemoryModuleEvent(MemoryModuleArgs),
+}
+
+/// Component ID: up to 16 bytes of text (QEMU takes a string too), zero padded.
+fn component_id(text: &Option<String>) -> Result<Option<[u8; 16]>, String> {
+    let Some(text) = text else { return Ok(None) };
+    let bytes = text.as_bytes();
+    if bytes.len() > 16 {
+        return Err(format!("component_id '{text}' is longer than 16 bytes"));
+    }
+    let mut id = [0u8; 16];
+    id[..bytes.len()].copy_from_slice(bytes);
+    Ok(Some(id))
+}
+
+impl ControlTarget {
+    fn device(&self, id: &str) -> Result<&ControlDevice, String> {
+        self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
+            let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
+            if known.is_empty() {
+                format!("no CXL device '{id}': this VM has no --cxl-type3 devices")
+            } else {
+                format!("no CXL device '{id}' (devices: {})", known.join(", "))
+            }
+        })
+    }
+
+    /// Answers one request line with one response line (no newline).
+    pub fn handle_line(&self, line: &str) -> String {
+        let answer = match serde_json::from_str::<Request>(line) {
+            Ok(req) => self.handle(req),
+            Err(e) => Err(format!("bad request: {e}")),
+        };
+        match answer {
+            Ok(result) => json!({"ok": true, "result": result}).to_string(),
+            Err(error) => json!({"ok": false, "error": error}).to_string(),
+        }
+    }
+
+    fn handle(&self, req: Request) -> Result<Value, String> {
+        match req {
+            Request::QueryDevices => Ok(Value::Array(
+                self.devices
+                    .iter()
+                    .map(|d| {
+                        let md = d.memdev.lock();
+                        json!({
+                            "id": d.id,
+                            "serial": md.serial(),
+                            "volatile_bytes": md.volatile_bytes(),
+                            "persistent_bytes": md.persistent_bytes(),
+                        })
+                    })
+                    .collect(),
+            )),
+            Request::CxlState(a) => {
+                let report = self.device(&a.device)?.memdev.lock().state_report();
+                Ok(report_json(&report))
+            }
+            Request::CxlInjectPoison(a) => {
+                let dev = self.device(&a.device)?;
+                dev.memdev
+                    .lock()
+                    .inject_poison(a.dpa, a.length)
+                    .map_err(|e| format!("{}: {e}", a.device))?;
+                log::info!(
+                    "control: {} poison injected at dpa {:#x} length {:#x}",
+                    a.device,
+                    a.dpa,
+                    a.length
+                );
+                Ok(Value::Null)
+            }
+            Request::CxlClearPoison(a) => {
+                let dev = self.device(&a.device)?;
+                dev.memdev
+                    .lock()
+                    .clear_poison(a.dpa, a.length)
+                    .map_err(|e| format!("{}: {e}", a.device))?;
+                Ok(Value::Null)
+            }
+            Request::CxlInjectGeneralMediaEvent(a) => {
+                let ev = GeneralMediaEvent {
+                    flags: a.flags,
+                    maint_op_class: a.maint_op_class,
+                    dpa: a.dpa,
+                    not_repairable: a.not_repairable,
+                    descriptor: a.descriptor,
+                    event_type: a.event_type,
+                    transaction_type: a.transaction_type,
+                    channel: a.channel,
+                    rank: a.rank,
+                    device: a.dram_device,
+                    component_id: component_id(&a.component_id)?,
+                };
+                let dev = self.device(&a.device)?;
+                let handle = dev
+                    .memdev
+                    .lock()
+                    .inject_general_media_event(a.log.into(), &ev)
+                    .map_err(|e| format!("{}: {e}", a.device))?;
+                Ok(json!({ "handle": handle }))
+            }
+            Request::CxlInjectDramEvent(a) => {
+                let ev = DramEvent {
+                    flags: a.flags,
+                    maint_op_class: a.maint_op_class,
+                    dpa: a.dpa,
+                    not_repairable: a.not_repairable,
+                    descriptor: a.descriptor,
+                    event_type: a.event_type,
+                    transaction_type: a.transaction_type,
+                    channel: a.channel,
+                    rank: a.rank,
+                    nibble_mask: a.nibble_mask,
+                    bank_group: a.bank_group,
+                    bank: a.bank,
+                    row: a.row,
+                    column: a.column,
+                    correction_mask: None,
+                    component_id: component_id(&a.component_id)?,
+                };
+                let dev = self.device(&a.device)?;
+                let handle = dev
+                    .memdev
+                    .lock()
+                    .inject_dram_event(a.log.into(), &ev)
+                    .map_err(|e| format!("{}: {e}", a.device))?;
+                Ok(json!({ "handle": handle }))
+            }
+            Request::CxlInjectMemoryModuleEvent(a) => {
+                let dev = self.device(&a.device)?;
+                let mut md = dev.memdev.lock();
+                let current = md.health();
+                let health = HealthInfo {
+                    health_status: a.health_status.unwrap_or(current.health_status),
+                    media_status: a.media_status.unwrap_or(current.media_status),
+                    additional_status: a.additional_status.unwrap_or(current.additional_status),
+                    life_used: a.life_used.unwrap_or(current.life_used),
+                    temperature: a.temperature.unwrap_or(current.temperature),
+                    dirty_shutdown_count: a
+                        .dirty_shutdown_count
+                        .unwrap_or(current.dirty_shutdown_count),
+                    corrected_volatile_errors: a
+                        .corrected_volatile_errors
+                        .unwrap_or(current.corrected_volatile_errors),
+                    corrected_persistent_errors: a
+                        .corrected_persistent_errors
+                        .unwrap_or(current.corrected_persistent_errors),
+                };
+                let ev = MemoryModuleEvent {
+                    flags: a.flags,
+                    maint_op_class: a.maint_op_class,
+                    event_type: a.event_type,
+                    health,
+                    component_id: component_id(&a.component_id)?,
+                };
+                let handle = md
+                    .inject_memory_module_event(a.log.into(), &ev)
+                    .map_err(|e| format!("{}: {e}", a.device))?;
+                // The module's health is what the event reports: Get Health Info agrees.
+                md.set_health(health);
+                Ok(json!({ "handle": handle }))
+            }
+        }
+    }
+}
+
+fn log_name(kind: EventLogKind) -> &'static str {
+    match kind {
+        EventLogKind::Informational => "informational",
+        EventLogKind::Warning => "warning",
+        EventLogKind::Failure => "failure",
+        EventLogKind::Fatal => "fatal",
+    }
+}
+
+fn overflow_json(o: &Option<Overflow>) -> Value {
+    match o {
+        Some(o) => json!({
+            "count": o.count,
+            "first_timestamp": o.first_timestamp,
+            "last_timestamp": o.last_timestamp,
+        }),
+        None => Value::Null,
+    }
+}
+
+/// The device state report as JSON (`cxl-state`).
+fn report_json(r: &MemdevReport) -> Value {
+    let h = &r.health;
+    json!({
+        "id": r.id,
+        "serial": r.serial,
+        "volatile_bytes": r.volatile_bytes,
+        "persistent_bytes": r.persistent_bytes,
+        "lsa_size": r.lsa_size,
+        "poison": r.poison.iter().map(|p| json!({
+            "dpa": p.dpa,
+            "length": p.length,
+            "source": format!("{:?}", p.source).to_lowercase(),
+        })).collect::<Vec<_>>(),
+        "poison_overflow_timestamp": r.poison_overflow,
+        "event_logs": r.events.iter().map(|l| json!({
+            "log": log_name(l.kind),
+            "pending": l.pending,
+            "handles": l.handles,
+            "overflow": overflow_json(&l.overflow),
+            "interrupt_setting": l.interrupt_setting,
+        })).collect::<Vec<_>>(),
+        "health": {
+            "health_status": h.health_status,
+            "media_status": h.media_status,
+            "additional_status": h.additional_status,
+            "life_used": h.life_used,
+            "temperature": h.temperature,
+            "dirty_shutdown_count": h.dirty_shutdown_count,
+            "corrected_volatile_errors": h.corrected_volatile_errors,
+            "corrected_persistent_errors": h.corrected_persistent_errors,
+        },
+        "timestamp": r.timestamp,
+        "shutdown_state": if r.shutdown_state == 1 { "dirty" } else { "clean" },
+    })
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes (without the newline). `Ok(None)` at end of
+/// input; an over-long line is consumed and reported as an error string.
+fn read_line(reader: &mut impl BufRead) -> io::Result<Option<Result<String, String>>> {
+    let mut buf = Vec::new();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && buf.len() > MAX_LINE {
+        // Skip the rest of the line.
+        let mut rest = Vec::new();
+        reader.read_until(b'\n', &mut rest)?;
+        return Ok(Some(Err(format!(
+            "bad request: line longer than {MAX_LINE} bytes"
+        ))));
+    }
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    Ok(Some(
+        String::from_utf8(buf).map_err(|_| "bad request: not UTF-8".to_string()),
+    ))
+}
+
+/// Serves JSON lines on one byte stream until it ends: each request answered by `answer`.
+fn serve_stream(
+    reader: impl Read,
+    mut writer: impl Write,
+    answer: &dyn Fn(&str) -> String,
+) -> io::Result<()> {
+    let mut reader = BufReader::new(reader);
+    while let Some(line) = read_line(&mut reader)? {
+        let response = match line {
+            Ok(l) if l.trim().is_empty() => continue,
+            Ok(l) => answer(&l),
+            Err(e) => json!({"ok": false, "error": e}).to_string(),
+        };
+        writer.write_all(response.as_bytes())?;
+        writer.write_all(b"\n")?;
+        writer.flush()?;
+    }
+    Ok(())
+}
+
+/// Binds `path` as a listening UNIX socket, replacing a stale socket (nobody listening) but
+/// never any other kind of file.
+fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let io_err = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            fs::remove_file(path).map_err(io_err)?;
+        }
+        Ok(_) => {
+            return Err(ControlError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    UnixListener::bind(path).map_err(io_err)
+}
+
+/// Accepts connections on `listener` forever, one thread each, answering with `answer`.
+fn accept_loop(listener: UnixListener, answer: Arc<dyn Fn(&str) -> String + Send + Sync>) {
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("control socket: accept failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let answer = answer.clone();
+        let spawned = thread::Builder::new()
+            .name("vmm-ctl-conn".into())
+            .spawn(move || {
+                let reader = match conn.try_clone() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        log::warn!("control connection: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = serve_stream(reader, conn, &*answer) {
+                    log::debug!("control connection ended: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("control socket: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// The bound control socket of a directly running VMM: bound before the VM is built (so a bad
+/// path fails early), served once the devices exist. Removes the socket file when dropped.
+pub struct ControlListener {
+    path: PathBuf,
+    listener: Mutex<Option<UnixListener>>,
+}
+
+impl std::fmt::Debug for ControlListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ControlListener({})", self.path.display())
+    }
+}
+
+impl ControlListener {
+    /// Binds `path` (see [`bind`] for what it replaces).
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        Ok(Self {
+            listener: Mutex::new(Some(bind(path)?)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Serves `target` from a background thread. A second call does nothing.
+    pub fn serve(&self, target: ControlTarget) -> Result<(), ControlError> {
+        let Some(listener) = self
+            .listener
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return Ok(());
+        };
+        let target = Arc::new(target);
+        let answer: Arc<dyn Fn(&str) -> String + Send + Sync> =
+            Arc::new(move |line: &str| target.handle_line(line));
+        thread::Builder::new()
+            .name("vmm-ctl".into())
+            .spawn(move || accept_loop(listener, answer))
+            .map_err(|source| ControlError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        log::info!("control socket listening on {}", self.path.display());
+        Ok(())
+    }
+}
+
+impl Drop for ControlListener {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Puts a serial port into raw mode (no echo, no line editing, no CR/LF translation).
+fn make_raw(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: termios is plain data; tcgetattr fills it for an open descriptor we own.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open descriptor and `t` a valid termios to fill.
+    if unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `t` is a valid termios obtained above.
+    unsafe { libc::cfmakeraw(&mut t) };
+    t.c_cflag |= libc::CLOCAL | libc::CREAD;
+    t.c_cflag &= !libc::CRTSCTS;
+    // SAFETY: `fd` is open and `t` a valid termios.
+    if unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &t) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Inside the nested host: serves `target` on the serial port `tty` (the outer VMM's
+/// [`Relay`] is on the other end), after sending [`READY_LINE`].
+pub fn serve_serial(tty: &Path, target: ControlTarget) -> Result<(), ControlError> {
+    let io_err = |source| ControlError::Io {
+        path: tty.to_path_buf(),
+        source,
+    };
+    let port = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_noctty()
+        .open(tty)
+        .map_err(io_err)?;
+    make_raw(&port).map_err(io_err)?;
+    let mut writer = port.try_clone().map_err(io_err)?;
+    writer
+        .write_all(format!("{READY_LINE}\n").as_bytes())
+        .map_err(io_err)?;
+    thread::Builder::new()
+        .name("vmm-ctl-serial".into())
+        .spawn(move || {
+            if let Err(e) = serve_stream(port, writer, &|l| target.handle_line(l)) {
+                log::warn!("control port: {e}");
+            }
+        })
+        .map_err(io_err)?;
+    Ok(())
+}
+
+trait NoCtty {
+    fn custom_flags_noctty(&mut self) -> &mut Self;
+}
+
+impl NoCtty for fs::OpenOptions {
+    fn custom_flags_noctty(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOCTTY)
+    }
+}
+
+/// State shared by the relay's threads.
+struct RelayShared {
+    /// Set once the VMM inside announced itself.
+    ready: Mutex<bool>,
+    ready_cv: Condvar,
+    /// Answers from inside, in order.
+    answers: Mutex<mpsc::Receiver<String>>,
+    /// Our end of the serial link (written by one request at a time).
+    link: Mutex<std::fs::File>,
+}
+
+/// Outside the nested host: listens on the user's control socket and forwards each request
+/// over the nested host's control serial port. Removes the socket file when dropped.
+pub struct Relay {
+    path: PathBuf,
+}
+
+impl Relay {
+    /// Binds `path`; `link` is our end of the socket pair whose other end is the nested host's
+    /// control serial port.
+    pub fn start(path: &Path, link: OwnedFd) -> Result<Self, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = bind(path)?;
+        let link = std::fs::File::from(link);
+        let reader = link.try_clone().map_err(io_err)?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(RelayShared {
+            ready: Mutex::new(false),
+            ready_cv: Condvar::new(),
+            answers: Mutex::new(rx),
+            link: Mutex::new(link),
+        });
+        let from_inside = shared.clone();
+        thread::Builder::new()
+            .name("vmm-ctl-link".into())
+            .spawn(move || {
+                let mut reader = BufReader::new(reader);
+                while let Ok(Some(line)) = read_line(&mut reader) {
+                    let Ok(line) = line else { continue };
+                    // Serial noise before the VMM inside opened the port is not JSON: skip it.
+                    if line.trim() == READY_LINE {
+                        *from_inside
+                            .ready
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = true;
+                        from_inside.ready_cv.notify_all();
+                    } else if line.starts_with('{') && tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(io_err)?;
+        let answer: Arc<dyn Fn(&str) -> String + Send + Sync> =
+            Arc::new(move |line: &str| relay_one(&shared, line));
+        thread::Builder::new()
+            .name("vmm-ctl".into())
+            .spawn(move || accept_loop(listener, answer))
+            .map_err(io_err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn relay_one(shared: &RelayShared, line: &str) -> String {
+    let fail = |e: &str| json!({"ok": false, "error": e}).to_string();
+    // Only well-formed JSON goes over the link, re-encoded on one line, so a malformed request
+    // cannot desynchronise it.
+    let compact = match serde_json::from_str::<Value>(line) {
+        Ok(v) => v.to_string(),
+        Err(e) => return fail(&format!("bad request: {e}")),
+    };
+    let deadline = Instant::now() + RELAY_READY_WAIT;
+    {
+        let mut ready = shared.ready.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*ready {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return fail("the VM did not start serving the control API in time");
+            }
+            ready = shared
+                .ready_cv
+                .wait_timeout(ready, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+    // One request in flight at a time: hold the link while waiting for the answer.
+    let mut link = shared.link.lock().unwrap_or_else(PoisonError::into_inner);
+    let answers = shared
+        .answers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    // Drop answers nobody waited for (a request that timed out earlier).
+    while answers.try_recv().is_ok() {}
+    if let Err(e) = link
+        .write_all(format!("{compact}\n").as_bytes())
+        .and_then(|()| link.flush())
+    {
+        return fail(&format!("the VM's control link failed: {e}"));
+    }
+    match answers.recv_timeout(RELAY_ANSWER_WAIT) {
+        Ok(answer) => answer,
+        Err(_) => fail("the VM did not answer (has it exited?)"),
+    }
+}
+
+/// `vmm ctl`: sends `request` (one JSON object) to the control socket at `path` and returns
+/// the answer line. Waits up to `wait` for the socket to appear (the VM may be starting).
+pub fn client_request(path: &Path, request: &Value, wait: Duration) -> Result<Value, String> {
+    let deadline = Instant::now() + wait;
+    let mut stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "cannot connect to control socket '{}': {e} (is `vmm run --control {}` running?)",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| format!("control socket '{}': {e}", path.display()))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("control socket '{}': {e}", path.display()))?;
+    if line.trim().is_empty() {
+        return Err(format!(
+            "control socket '{}' closed without an answer",
+            path.display()
+        ));
+    }
+    serde_json::from_str(line.trim())
+        .map_err(|e| format!("control socket '{}': malformed answer: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::cxl::memdev::{Memdev, MemdevConfig};
+
+    fn target() -> ControlTarget {
+        let memdev = Memdev::new(MemdevConfig {
+            volatile_bytes: 256 << 20,
+            persistent_bytes: 0,
+            lsa: None,
+            serial: 7,
+            id: "cxl0".into(),
+        })
+        .unwrap();
+        ControlTarget {
+            devices: vec![ControlDevice {
+                id: "cxl0".into(),
+                memdev: SharedMemdev::new(memdev),
+            }],
+        }
+    }
+
+    fn ask(t: &ControlTarget, req: &str) -> Value {
+        serde_json::from_str(&t.handle_line(req)).unwrap()
+    }
+
+    #[test]
+    fn poison_injection_shows_in_the_state_report_and_clears() {
+        let t = target();
+        let r = ask(
+            &t,
+            r#"{"command":"cxl-inject-poison","device":"cxl0","dpa":4096,"length":128}"#,
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        let s = ask(&t, r#"{"command":"cxl-state","device":"cxl0"}"#);
+        assert_eq!(s["result"]["poison"][0]["dpa"], 4096);
+        assert_eq!(s["result"]["poison"][0]["length"], 128);
+        assert_eq!(s["result"]["poison"][0]["source"], "internal");
+        let r = ask(
+            &t,
+            r#"{"command":"cxl-clear-poison","device":"cxl0","dpa":4096,"length":128}"#,
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        let s = ask(&t, r#"{"command":"cxl-state","device":"cxl0"}"#);
+        assert_eq!(s["result"]["poison"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn events_land_in_the_named_log() {
+        let t = target();
+        let r = ask(
+            &t,
+            r#"{"command":"cxl-inject-general-media-event","device":"cxl0","dpa":8192,"log":"warning","descriptor":1,"type":0,"transaction_type":1,"channel":2}"#,
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        let r = ask(
+            &t,
+            r#"{"command":"cxl-inject-dram-event","device":"cxl0","dpa":64,"row":5,"column":3}"#,
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        let r = ask(
+            &t,
+            r#"{"command":"cxl-inject-memory-module-event","device":"cxl0","log":"fatal","health_status":4,"temperature":90}"#,
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        let s = ask(&t, r#"{"command":"cxl-state","device":"cxl0"}"#);
+        let logs = s["result"]["event_logs"].as_array().unwrap();
+        let pending = |name: &str| {
+            logs.iter().find(|l| l["log"] == name).unwrap()["pending"]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(pending("warning"), 1);
+        assert_eq!(pending("failure"), 1);
+        assert_eq!(pending("fatal"), 1);
+        assert_eq!(pending("informational"), 0);
+        assert_eq!(s["result"]["health"]["temperature"], 90);
+        assert_eq!(s["result"]["health"]["health_status"], 4);
+    }
+
+    #[test]
+    fn bad_requests_get_one_line_errors() {
+        let t = target();
+        for (req, needle) in [
+            ("not json", "bad request"),
+            (r#"{"command":"reboot-universe"}"#, "unknown variant"),
+            (
+                r#"{"command":"cxl-state","device":"nope"}"#,
+                "no CXL device 'nope'",
+            ),
+            (
+                r#"{"command":"cxl-inject-poison","device":"cxl0","dpa":1,"length":64}"#,
+                "cxl0",
+            ),
+            (
+                r#"{"command":"cxl-inject-poison","device":"cxl0","dpa":268435456,"length":64}"#,
+                "cxl0",
+            ),
+            (
+                r#"{"command":"cxl-inject-poison","device":"cxl0","dpa":0,"length":64,"bogus":1}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"command":"cxl-inject-general-media-event","device":"cxl0","dpa":0,"component_id":"01234567890123456789"}"#,
+                "longer than 16",
+            ),
+        ] {
+            let r = ask(&t, req);
+            assert_eq!(r["ok"], false, "{req}: {r}");
+            let e = r["error"].as_str().unwrap();
+            assert!(e.contains(needle), "{req}: {e}");
+            assert!(!e.contains('\n'));
+        }
+        // The device is unchanged by all of that.
+        let s = ask(&t, r#"{"command":"cxl-state","device":"cxl0"}"#);
+        assert_eq!(s["result"]["poison"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn socket_serves_requests_and_refuses_to_replace_other_files() {
+        let dir = std::env::temp_dir().join(format!("vmm-ctl-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let regular = dir.join("file");
+        fs::write(&regular, b"keep me").unwrap();
+        assert!(matches!(
+            ControlListener::bind(&regular),
+            Err(ControlError::NotASocket { .. })
+        ));
+        assert_eq!(fs::read(&regular).unwrap(), b"keep me");
+
+        let sock = dir.join("ctl.sock");
+        let server = ControlListener::bind(&sock).unwrap();
+        server.serve(target()).unwrap();
+        assert!(matches!(
+            ControlListener::bind(&sock),
+            Err(ControlError::InUse { .. })
+        ));
+        let r = client_request(
+            &sock,
+            &json!({"command":"query-devices"}),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r["result"][0]["id"], "cxl0");
+        assert_eq!(r["result"][0]["volatile_bytes"], 256u64 << 20);
+        drop(server);
+        assert!(!sock.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn relay_forwards_after_ready() {
+        let dir = std::env::temp_dir().join(format!("vmm-relay-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("ctl.sock");
+        let (outer, inner) = UnixStream::pair().unwrap();
+        let _relay = Relay::start(&sock, OwnedFd::from(outer)).unwrap();
+        // The "VMM inside": noise first, then ready, then serve.
+        let t = target();
+        let server = thread::spawn(move || {
+            let mut w = inner.try_clone().unwrap();
+            w.write_all(b"\x00garbage\n").unwrap();
+            w.write_all(format!("{READY_LINE}\n").as_bytes()).unwrap();
+            let _ = serve_stream(inner, w, &|l| t.handle_line(l));
+        });
+        let r = client_request(
+            &sock,
+            &json!({"command":"cxl-inject-poison","device":"cxl0","dpa":0,"length":64}),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        let r = client_request(
+            &sock,
+            &json!({"command":"cxl-state","device":"cxl0"}),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r["result"]["poison"][0]["length"], 64);
+        drop(_relay);
+        drop(server);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,340 @@
+//! `vmm ctl`: the command-line client of the control API (`control.rs`): one subcommand per
+//! request, numbers in decimal or `0x` hex, the answer's result printed as JSON on stdout.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+/// `vmm ctl` arguments.
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    /// The control socket of a running VM (`vmm run --control PATH`).
+    #[arg(long, visible_alias = "socket", value_name = "PATH")]
+    control: PathBuf,
+    /// Seconds to wait for the socket to appear (the VM may still be starting).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    wait: f64,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+/// Which event log an injected event goes to.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum Log {
+    Informational,
+    Warning,
+    Failure,
+    Fatal,
+}
+
+impl Log {
+    fn name(self) -> &'static str {
+        match self {
+            Log::Informational => "informational",
+            Log::Warning => "warning",
+            Log::Failure => "failure",
+            Log::Fatal => "fatal",
+        }
+    }
+}
+
+/// Parses a decimal or `0x`-prefixed hexadecimal number.
+fn number(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("'{text}' is not a number (decimal or 0x hex)"))
+}
+
+/// Fields common to General Media and DRAM events.
+#[derive(clap::Args, Debug)]
+struct MediaEventArgs {
+    /// Device id (`id=` of its --cxl-type3).
+    #[arg(long, default_value = "cxl0")]
+    device: String,
+    /// Device physical address (64-byte aligned).
+    #[arg(long, value_parser = number)]
+    dpa: u64,
+    /// Event log.
+    #[arg(long, value_enum, default_value = "failure")]
+    log: Log,
+    /// Record header flags (permanent 0x4, maintenance 0x8, performance 0x10, replace 0x20).
+    #[arg(long, value_parser = number, default_value = "0")]
+    flags: u64,
+    /// Memory Event Descriptor (bit 0 uncorrectable, 1 threshold, 2 poison list overflow).
+    #[arg(long, value_parser = number, default_value = "0")]
+    descriptor: u64,
+    /// Memory Event Type (0 ECC error, 1 invalid address, 2 data path error).
+    #[arg(long = "type", value_parser = number, default_value = "0")]
+    event_type: u64,
+    /// Transaction Type (1 host read, 2 host write, 3 scan media, 4 inject poison, ...).
+    #[arg(long, value_parser = number, default_value = "0")]
+    transaction_type: u64,
+    #[arg(long, value_parser = number)]
+    channel: Option<u64>,
+    #[arg(long, value_parser = number)]
+    rank: Option<u64>,
+    /// Component identifier (up to 16 characters).
+    #[arg(long)]
+    component_id: Option<String>,
+}
+
+impl MediaEventArgs {
+    fn fields(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("device".into(), json!(self.device));
+        m.insert("dpa".into(), json!(self.dpa));
+        m.insert("log".into(), json!(self.log.name()));
+        m.insert("flags".into(), json!(self.flags));
+        m.insert("descriptor".into(), json!(self.descriptor));
+        m.insert("type".into(), json!(self.event_type));
+        m.insert("transaction_type".into(), json!(self.transaction_type));
+        insert_opt(&mut m, "channel", self.channel);
+        insert_opt(&mut m, "rank", self.rank);
+        if let Some(c) = &self.component_id {
+            m.insert("component_id".into(), json!(c));
+        }
+        m
+    }
+}
+
+fn insert_opt(m: &mut Map<String, Value>, key: &str, v: Option<u64>) {
+    if let Some(v) = v {
+        m.insert(key.into(), json!(v));
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CtlRequest {
+    /// List the VM's CXL devices.
+    Devices,
+    /// Report a CXL device's state: poison list, event logs, health.
+    #[command(visible_alias = "cxl-state")]
+    State {
+        #[arg(long, default_value = "cxl0")]
+        device: String,
+    },
+    /// Mark a DPA range poisoned (device-detected media error), like QMP cxl-inject-poison.
+    #[command(visible_aliases = ["cxl-inject-poison", "poison-inject"])]
+    InjectPoison {
+        #[arg(long, default_value = "cxl0")]
+        device: String,
+        /// First DPA (64-byte aligned).
+        #[arg(long, visible_alias = "start", value_parser = number)]
+        dpa: u64,
+        /// Length in bytes (multiple of 64).
+        #[arg(long, value_parser = number, default_value = "64")]
+        length: u64,
+    },
+    /// Remove a DPA range from the poison list.
+    #[command(visible_aliases = ["cxl-clear-poison", "poison-clear"])]
+    ClearPoison {
+        #[arg(long, default_value = "cxl0")]
+        device: String,
+        #[arg(long, visible_alias = "start", value_parser = number)]
+        dpa: u64,
+        #[arg(long, value_parser = number, default_value = "64")]
+        length: u64,
+    },
+    /// Add a General Media event record, like QMP cxl-inject-general-media-event.
+    #[command(visible_aliases = ["cxl-inject-general-media-event", "inject-general-media-event"])]
+    InjectGeneralMedia {
+        #[command(flatten)]
+        event: MediaEventArgs,
+        /// The record's Device field (which media device).
+        #[arg(long, value_parser = number)]
+        media_device: Option<u64>,
+    },
+    /// Add a DRAM event record, like QMP cxl-inject-dram-event.
+    #[command(visible_aliases = ["cxl-inject-dram-event", "inject-dram-event"])]
+    InjectDram {
+        #[command(flatten)]
+        event: MediaEventArgs,
+        #[arg(long, value_parser = number)]
+        nibble_mask: Option<u64>,
+        #[arg(long, value_parser = number)]
+        bank_group: Option<u64>,
+        #[arg(long, value_parser = number)]
+        bank: Option<u64>,
+        #[arg(long, value_parser = number)]
+        row: Option<u64>,
+        #[arg(long, value_parser = number)]
+        column: Option<u64>,
+    },
+    /// Add a Memory Module event record (and set the health it reports), like QMP
+    /// cxl-inject-memory-module-event.
+    #[command(visible_aliases = ["cxl-inject-memory-module-event", "inject-memory-module-event"])]
+    InjectMemoryModule {
+        #[arg(long, default_value = "cxl0")]
+        device: String,
+        #[arg(long, value_enum, default_value = "failure")]
+        log: Log,
+        #[arg(long, value_parser = number, default_value = "0")]
+        flags: u64,
+        /// Device Event Type (0 health status change, 1 media status change, 2 life used
+        /// threshold, 3 temperature change, 4 data path error, 5 LSA error).
+        #[arg(long = "type", value_parser = number, default_value = "0")]
+        event_type: u64,
+        #[arg(long, value_parser = number)]
+        health_status: Option<u64>,
+        #[arg(long, value_parser = number)]
+        media_status: Option<u64>,
+        #[arg(long, value_parser = number)]
+        additional_status: Option<u64>,
+        #[arg(long, value_parser = number)]
+        life_used: Option<u64>,
+        /// Degrees Celsius.
+        #[arg(long, allow_hyphen_values = true)]
+        temperature: Option<i16>,
+        #[arg(long, value_parser = number)]
+        dirty_shutdown_count: Option<u64>,
+        #[arg(long, value_parser = number)]
+        corrected_volatile_errors: Option<u64>,
+        #[arg(long, value_parser = number)]
+        corrected_persistent_errors: Option<u64>,
+    },
+    /// Send one raw JSON request (see `docs/control-api.md`).
+    Raw {
+        /// The request object, e.g. '{"command":"query-devices"}'.
+        json: String,
+    },
+}
+
+impl CtlRequest {
+    fn to_json(&self) -> Result<Value, String> {
+        Ok(match self {
+            CtlRequest::Devices => json!({"command": "query-devices"}),
+            CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
+            CtlRequest::InjectPoison {
+                device,
+                dpa,
+                length,
+            } => {
+                json!({"command": "cxl-inject-poison", "device": device, "dpa": dpa, "length": length})
+            }
+            CtlRequest::ClearPoison {
+                device,
+                dpa,
+                length,
+            } => {
+                json!({"command": "cxl-clear-poison", "device": device, "dpa": dpa, "length": length})
+            }
+            CtlRequest::InjectGeneralMedia {
+                event,
+                media_device,
+            } => {
+                let mut m = event.fields();
+                m.insert("command".into(), json!("cxl-inject-general-media-event"));
+                insert_opt(&mut m, "dram_device", *media_device);
+                Value::Object(m)
+            }
+            CtlRequest::InjectDram {
+                event,
+                nibble_mask,
+                bank_group,
+                bank,
+                row,
+                column,
+            } => {
+                let mut m = event.fields();
+                m.insert("command".into(), json!("cxl-inject-dram-event"));
+                insert_opt(&mut m, "nibble_mask", *nibble_mask);
+                insert_opt(&mut m, "bank_group", *bank_group);
+                insert_opt(&mut m, "bank", *bank);
+                insert_opt(&mut m, "row", *row);
+                insert_opt(&mut m, "column", *column);
+                Value::Object(m)
+            }
+            CtlRequest::InjectMemoryModule {
+                device,
+                log,
+                flags,
+                event_type,
+                health_status,
+                media_status,
+                additional_status,
+                life_used,
+                temperature,
+                dirty_shutdown_count,
+                corrected_volatile_errors,
+                corrected_persistent_errors,
+            } => {
+                let mut m = Map::new();
+                m.insert("command".into(), json!("cxl-inject-memory-module-event"));
+                m.insert("device".into(), json!(device));
+                m.insert("log".into(), json!(log.name()));
+                m.insert("flags".into(), json!(flags));
+                m.insert("type".into(), json!(event_type));
+                insert_opt(&mut m, "health_status", *health_status);
+                insert_opt(&mut m, "media_status", *media_status);
+                insert_opt(&mut m, "additional_status", *additional_status);
+                insert_opt(&mut m, "life_used", *life_used);
+                if let Some(t) = temperature {
+                    m.insert("temperature".into(), json!(t));
+                }
+                insert_opt(&mut m, "dirty_shutdown_count", *dirty_shutdown_count);
+                insert_opt(
+                    &mut m,
+                    "corrected_volatile_errors",
+                    *corrected_volatile_errors,
+                );
+                insert_opt(
+                    &mut m,
+                    "corrected_persistent_errors",
+                    *corrected_persistent_errors,
+                );
+                Value::Object(m)
+            }
+            CtlRequest::Raw { json } => {
+                serde_json::from_str(json).map_err(|e| format!("invalid JSON request: {e}"))?
+            }
+        })
+    }
+}
+
+/// Runs `vmm ctl`: prints the result (JSON, nothing for a null result) and returns Ok, or the
+/// one-line error the VMM answered with.
+pub fn run(args: &CtlArgs) -> Result<(), String> {
+    if !(args.wait.is_finite() && args.wait >= 0.0) {
+        return Err(format!(
+            "invalid --wait value {}: must be a non-negative number of seconds",
+            args.wait
+        ));
+    }
+    let request = args.request.to_json()?;
+    let answer = crate::control::client_request(
+        &args.control,
+        &request,
+        Duration::from_secs_f64(args.wait),
+    )?;
+    if answer["ok"] == Value::Bool(true) {
+        match &answer["result"] {
+            Value::Null => {}
+            r => println!(
+                "{}",
+                serde_json::to_string_pretty(r).unwrap_or_else(|_| r.to_string())
+            ),
+        }
+        Ok(())
+    } else {
+        Err(answer["error"]
+            .as_str()
+            .unwrap_or("the VMM refused the request")
+            .to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_decimal_and_hex() {
+        assert_eq!(number("4096"), Ok(4096));
+        assert_eq!(number("0x1000"), Ok(4096));
+        assert!(number("4k").unwrap_err().contains("'4k'"));
+    }
+}
