@@ -12,6 +12,10 @@ use devices::bus::lock;
 use devices::cxl::{CommittedRange, DecodeTarget, HdmListener, Partition};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+    GuestRegionMmap, MmapRegion,
+};
 
 /// Size granule for CXL capacities and HDM ranges (CXL 2.0 8.2.5.12).
 pub const CXL_GRANULE: u64 = 256 << 20;
@@ -97,7 +101,7 @@ impl CxlType3Spec {
 /// The device's memory: the backing file mapped shared, volatile capacity first, then
 /// persistent (DPA order). Guest writes land in the file; persistent capacity survives runs.
 pub struct Backing {
-    _file: File,
+    file: File,
     host: *mut u8,
     len: u64,
 }
@@ -154,10 +158,15 @@ impl Backing {
             return Err(backing_err(std::io::Error::last_os_error().to_string()));
         }
         Ok(Self {
-            _file: file,
+            file,
             host: host.cast(),
             len,
         })
+    }
+
+    /// The backing file.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Host address of DPA `dpa`, if `[dpa, dpa+size)` lies inside the device.
@@ -191,12 +200,52 @@ impl SlotAllocator {
     }
 }
 
-/// Maps committed endpoint decoder ranges into the guest as KVM memory slots.
+/// The VMM's guest memory map, which device DMA (`iommu::DmaSpace`) reads and writes through.
+pub type DmaMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Adds `size` bytes of `file` from `offset` to the DMA-visible guest memory map at `gpa` (a
+/// second shared mapping of the same file pages KVM maps, so both views stay coherent).
+pub fn add_dma_region(
+    memory: &DmaMemory,
+    file: &File,
+    offset: u64,
+    gpa: u64,
+    size: u64,
+) -> Result<(), String> {
+    let file = file.try_clone().map_err(|e| e.to_string())?;
+    let region = MmapRegion::from_file(FileOffset::new(file, offset), size as usize)
+        .map_err(|e| e.to_string())?;
+    let region = GuestRegionMmap::new(region, GuestAddress(gpa))
+        .ok_or_else(|| format!("{gpa:#x}+{size:#x} overflows the guest address space"))?;
+    let guard = memory.lock().map_err(|e| e.to_string())?;
+    let updated = memory
+        .memory()
+        .insert_region(Arc::new(region))
+        .map_err(|e| e.to_string())?;
+    guard.replace(updated);
+    Ok(())
+}
+
+/// Removes the region [`add_dma_region`] added at `gpa`.
+pub fn remove_dma_region(memory: &DmaMemory, gpa: u64, size: u64) -> Result<(), String> {
+    let guard = memory.lock().map_err(|e| e.to_string())?;
+    let (updated, _) = memory
+        .memory()
+        .remove_region(GuestAddress(gpa), size)
+        .map_err(|e| e.to_string())?;
+    guard.replace(updated);
+    Ok(())
+}
+
+/// Maps committed endpoint decoder ranges into the guest: a KVM memory slot (CPU access at
+/// native speed, code can execute from it) and an entry in the DMA-visible guest memory map
+/// (emulated devices' DMA reaches it).
 pub struct MemoryMapper {
     vm: Arc<VmFd>,
     backing: Arc<Backing>,
     volatile: u64,
     slots: Arc<Mutex<SlotAllocator>>,
+    dma: DmaMemory,
     mapped: Mutex<Vec<(CommittedRange, u32)>>,
     name: String,
 }
@@ -207,6 +256,7 @@ impl MemoryMapper {
         backing: Arc<Backing>,
         volatile: u64,
         slots: Arc<Mutex<SlotAllocator>>,
+        dma: DmaMemory,
         name: String,
     ) -> Self {
         Self {
@@ -214,6 +264,7 @@ impl MemoryMapper {
             backing,
             volatile,
             slots,
+            dma,
             mapped: Mutex::new(Vec::new()),
             name,
         }
@@ -264,6 +315,20 @@ impl HdmListener for MemoryMapper {
                 range.hpa_base, range.size
             ));
         }
+        if let Err(e) = add_dma_region(
+            &self.dma,
+            self.backing.file(),
+            dpa_base,
+            range.hpa_base,
+            range.size,
+        ) {
+            let _ = self.set_slot(slot, range.hpa_base, 0, 0);
+            lock(&self.slots).free.push(slot);
+            return Err(format!(
+                "adding {:#x}+{:#x} to the DMA memory map: {e}",
+                range.hpa_base, range.size
+            ));
+        }
         log::info!(
             "{}: HDM decoder {} committed: HPA {:#x}+{:#x} -> DPA {dpa_base:#x} ({partition:?})",
             self.name,
@@ -279,6 +344,13 @@ impl HdmListener for MemoryMapper {
         let mut mapped = lock(&self.mapped);
         if let Some(pos) = mapped.iter().position(|(r, _)| r == range) {
             let (_, slot) = mapped.remove(pos);
+            if let Err(e) = remove_dma_region(&self.dma, range.hpa_base, range.size) {
+                log::error!(
+                    "{}: removing {:#x} from the DMA memory map: {e}",
+                    self.name,
+                    range.hpa_base
+                );
+            }
             if let Err(e) = self.set_slot(slot, range.hpa_base, 0, 0) {
                 log::error!("{}: unmapping {:#x}: {e}", self.name, range.hpa_base);
             }
@@ -357,6 +429,7 @@ pub fn precommit(topology: &CxlTopology) -> Result<(), String> {
 pub fn build_topology(
     specs: &[CxlType3Spec],
     vm: &Arc<VmFd>,
+    dma: &DmaMemory,
     msi: &Arc<dyn iommu::MsiSink>,
     platform: &mut crate::pci::Platform,
 ) -> Result<CxlTopology, String> {
@@ -414,6 +487,7 @@ pub fn build_topology(
             backing,
             spec.volatile,
             slots.clone(),
+            dma.clone(),
             spec.id.clone(),
         );
         let mut cfg = Type3Config::new(spec.volatile, spec.persistent);
@@ -459,6 +533,41 @@ pub fn build_topology(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn committed_range_is_reachable_by_device_dma_and_lands_in_the_backing_file() {
+        let dir = std::env::temp_dir().join(format!("vmm-cxl-dma-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("backing.img");
+        let backing = Backing::open(&path, 2 * CXL_GRANULE).unwrap();
+        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let memory = GuestMemoryAtomic::new(ram);
+        let dma = iommu::DmaSpace::identity(iommu::RequesterId::new(2, 0, 0), memory.clone());
+        let hpa = crate::layout::CXL_WINDOW_START;
+        // Not committed yet: DMA to the window fails.
+        assert!(dma.write(hpa + 0x1000, b"early").is_err());
+        // Commit the second 256 MiB of the device (DPA 256M) at the window base.
+        add_dma_region(&memory, backing.file(), CXL_GRANULE, hpa, CXL_GRANULE).unwrap();
+        dma.write(hpa + 0x1000, b"device wrote this").unwrap();
+        let mut back = [0u8; 17];
+        dma.read(hpa + 0x1000, &mut back).unwrap();
+        assert_eq!(&back, b"device wrote this");
+        // The same bytes are in the backing file at DPA 256M + 0x1000, and in the mapping
+        // KVM uses for the guest's CPU view.
+        let file = std::fs::read(&path).unwrap();
+        let at = (CXL_GRANULE + 0x1000) as usize;
+        assert_eq!(&file[at..at + 17], b"device wrote this");
+        let cpu_view = backing.host_address(CXL_GRANULE + 0x1000, 17).unwrap();
+        // SAFETY: host_address checked the range lies inside the live mapping.
+        let cpu = unsafe { std::slice::from_raw_parts(cpu_view as *const u8, 17) };
+        assert_eq!(cpu, b"device wrote this");
+        // Uncommit: gone from the DMA map again; RAM is untouched.
+        remove_dma_region(&memory, hpa, CXL_GRANULE).unwrap();
+        assert!(dma.write(hpa + 0x1000, b"late").is_err());
+        dma.write(0x100, b"ram").unwrap();
+        drop(backing);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn parses_full_spec() {

@@ -435,9 +435,14 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
     let cxl_topology = if config.cxl_devices.is_empty() {
         None
     } else {
-        let topology =
-            crate::cxl::build_topology(&config.cxl_devices, &vm, &msi_sink, &mut platform)
-                .map_err(VmError::Cxl)?;
+        let topology = crate::cxl::build_topology(
+            &config.cxl_devices,
+            &vm,
+            &guest_memory,
+            &msi_sink,
+            &mut platform,
+        )
+        .map_err(VmError::Cxl)?;
         if config.cxl_precommit {
             crate::cxl::precommit(&topology).map_err(VmError::Cxl)?;
         }
