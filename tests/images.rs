@@ -34,7 +34,7 @@ fn build_into(cache: &std::path::Path) -> Vec<(String, String)> {
 
 #[test]
 fn two_builds_from_empty_caches_print_identical_digests() {
-    // Under the target directory, not /tmp: the nested host hides /tmp.
+    // Under the target directory: isolated from other runs, cleaned by cargo clean.
     let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("images-repro");
     let _ = std::fs::remove_dir_all(&base);
     let first = build_into(&base.join("a"));

@@ -113,7 +113,8 @@ mount -t tmpfs -o mode=1777 tmpfs "$HOST/dev/shm"
 [ -e "$HOST/dev/stdout" ] || ln -s /proc/self/fd/1 "$HOST/dev/stdout"
 [ -e "$HOST/dev/stderr" ] || ln -s /proc/self/fd/2 "$HOST/dev/stderr"
 mount -t cgroup2 cgroup2 "$HOST/sys/fs/cgroup" 2>/dev/null
-mount -t tmpfs -o mode=1777 tmpfs "$HOST/tmp" || fail "cannot mount a tmpfs on /tmp in the chroot"
+# /tmp stays the outer machine's (over 9p): paths users pass there (backing files, kernels,
+# sockets' directories) must mean the same file inside and out.
 mount -t tmpfs -o mode=755 tmpfs "$HOST/run" || fail "cannot mount a tmpfs on /run in the chroot"
 mkdir -p "$HOST/run/vmm"
 mount -o bind "$RUN" "$HOST/run/vmm" || fail "cannot bind the run directory into the chroot"

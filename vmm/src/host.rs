@@ -6,7 +6,7 @@
 //! host, runs one command in it as if it ran here, and returns the command's exit status.
 //!
 //! # How a run works
-//! * A run directory `<cache>/host-runs/run-<pid>-<nanos>/` (never under `/tmp`, which the host
+//! * A run directory `<cache>/host-runs/run-<pid>-<nanos>/` (never under `/run`, which the host
 //!   hides) holds `config` (shell assignments for the host's `/init`), `cmd.sh` (the command as a
 //!   shell script with every argument and environment value single-quoted, so any byte but NUL
 //!   survives), and receives `started` (just before the command runs), `status` / `error` /
@@ -14,7 +14,7 @@
 //!   `console.log` and `qemu.log`.
 //! * QEMU exports this machine's `/` read-write (9p tag `host`) and the run directory (tag
 //!   `vmmrun`). The host's `/init` (`guest-images/init/host-init.sh`) loads kvm-amd and 9p, mounts
-//!   `/` with `cache=mmap`, mounts proc/sys/dev and tmpfs on `/tmp` and `/run` in it, `chroot`s,
+//!   `/` with `cache=mmap`, mounts proc/sys/dev and a tmpfs on `/run` in it (`/tmp` stays the outer one), `chroot`s,
 //!   and runs `cmd.sh`, which changes to the working directory, sets the environment and execs the
 //!   command.
 //! * Output reaches our stdout/stderr byte for byte, while the command runs. A stream that is a
@@ -82,7 +82,7 @@ pub const HOST_CPU_MODEL: &str = "EPYC,+svm,+npt,\
 /// Version of the run-directory protocol spoken with `guest-images/init/host-init.sh`.
 const PROTOCOL_VERSION: u32 = 1;
 /// Directories the host replaces with its own file systems: invisible from inside.
-const HIDDEN_PREFIXES: &[&str] = &["/tmp", "/run", "/proc", "/sys", "/dev"];
+const HIDDEN_PREFIXES: &[&str] = &["/run", "/proc", "/sys", "/dev"];
 /// Failed run directories kept for inspection.
 const KEEP_FAILED_RUNS: usize = 5;
 /// Console lines quoted in an error.
@@ -103,7 +103,7 @@ pub struct NestedHostOptions {
     pub cpus: u32,
     /// Memory of the nested host in MiB ([`DEFAULT_MEMORY_MIB`]).
     pub memory_mib: u64,
-    /// The command's working directory; must be visible inside (not under `/tmp`, `/run`, ...).
+    /// The command's working directory; must be visible inside (not under `/run`, `/proc`, ...).
     pub workdir: PathBuf,
     /// Connect our terminal (stdin) to the command; otherwise its stdin is `/dev/null`.
     pub interactive: bool,
@@ -1385,12 +1385,12 @@ mod tests {
 
     #[test]
     fn hidden_paths_are_rejected() {
-        assert_eq!(hidden_prefix(Path::new("/tmp/x")), Some("/tmp"));
-        assert_eq!(hidden_prefix(Path::new("/tmp")), Some("/tmp"));
-        assert_eq!(hidden_prefix(Path::new("/tmpfoo")), None);
+        assert_eq!(hidden_prefix(Path::new("/tmp/x")), None);
+        assert_eq!(hidden_prefix(Path::new("/run")), Some("/run"));
+        assert_eq!(hidden_prefix(Path::new("/runfoo")), None);
         assert_eq!(hidden_prefix(Path::new("/run/user/0")), Some("/run"));
         assert_eq!(hidden_prefix(Path::new("/work/main")), None);
-        assert!(check_visible("working directory", Path::new("/tmp/a")).is_err());
+        assert!(check_visible("working directory", Path::new("/run/a")).is_err());
     }
 
     #[test]

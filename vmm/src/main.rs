@@ -693,10 +693,10 @@ fn host_failure(e: host::HostError) -> Failure {
 }
 
 /// Working directory for the nested `vmm run`: every path it gets is absolute, so when the
-/// current directory is one the nested host cannot show (under /tmp), use $HOME instead.
+/// current directory is one the nested host cannot show (under /run), use $HOME instead.
 fn nested_workdir() -> Result<PathBuf, Failure> {
     let cwd = std::env::current_dir().map_err(Failure::vmm)?;
-    let hidden = ["/tmp", "/run", "/proc", "/sys", "/dev"]
+    let hidden = ["/run", "/proc", "/sys", "/dev"]
         .iter()
         .any(|p| cwd.starts_with(p));
     if hidden && let Some(home) = std::env::var_os("HOME") {
