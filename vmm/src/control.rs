@@ -14,7 +14,8 @@
 //! | `cxl-inject-dram-event` | as general media, plus `nibble_mask`, `bank_group`, `bank`, `row`, `column` |
 //! | `cxl-inject-memory-module-event` | `device`, optional `log`, `flags`, `type`, `health_status`, `media_status`, `additional_status`, `life_used`, `temperature`, `dirty_shutdown_count`, `corrected_volatile_errors`, `corrected_persistent_errors` |
 //!
-//! `device` is the `id=` of a `--cxl-type3` device (default `cxl0`, `cxl1`, ...); `log` is one
+//! `device` is the `id=` of a `--cxl-type3` device (default `cxl0`, `cxl1`, ...; `memN` also
+//! names the N-th device, as the guest numbers them); `log` is one
 //! of `informational`, `warning`, `failure` (default), `fatal`. Answers are
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"one line"}`.
 //!
@@ -206,8 +207,21 @@ fn component_id(text: &Option<String>) -> Result<Option<[u8; 16]>, String> {
 }
 
 impl ControlTarget {
+    /// The device named `id`; `memN` (the guest's name, when no device has that id) is the
+    /// N-th `--cxl-type3` device, which is how Linux numbers them on this single-host-bridge
+    /// topology.
     fn device(&self, id: &str) -> Result<&ControlDevice, String> {
-        self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
+        let by_guest_name = || {
+            id.strip_prefix("mem")
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| self.devices.get(n))
+        };
+        let found = self
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .or_else(by_guest_name);
+        found.ok_or_else(|| {
             let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
             if known.is_empty() {
                 format!("no CXL device '{id}': this VM has no --cxl-type3 devices")
@@ -824,6 +838,9 @@ mod tests {
         assert_eq!(s["result"]["poison"][0]["dpa"], 4096);
         assert_eq!(s["result"]["poison"][0]["length"], 128);
         assert_eq!(s["result"]["poison"][0]["source"], "internal");
+        // The guest's name for the first device works too.
+        let s = ask(&t, r#"{"command":"cxl-state","device":"mem0"}"#);
+        assert_eq!(s["result"]["id"], "cxl0");
         let r = ask(
             &t,
             r#"{"command":"cxl-clear-poison","device":"cxl0","dpa":4096,"length":128}"#,
