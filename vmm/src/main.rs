@@ -604,7 +604,7 @@ fn run_nested(
     let opts = host::NestedHostOptions {
         kernel: host_image.bzimage,
         initramfs: host_image.initramfs,
-        cpus: cpus.max(2),
+        cpus: nested_host_cpus(cpus),
         memory_mib: (memory >> 20) + 1536,
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
@@ -623,6 +623,18 @@ fn run_nested(
         u8::try_from(status)
             .map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
     })
+}
+
+/// vCPUs of the nested host for a guest with `guest_cpus`: `VMM_HOST_CPUS` if set, else as
+/// many as the guest has. A one-CPU host is as fast for a one-vCPU guest here, and it cannot
+/// hit QEMU's multi-threaded TCG race on kernel text patching (a stale int3 seen by another
+/// vCPU kills the host kernel) — the main source of nested-host crashes.
+fn nested_host_cpus(guest_cpus: u32) -> u32 {
+    std::env::var("VMM_HOST_CPUS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(guest_cpus.max(1))
 }
 
 /// Extra time the nested host gets beyond `--timeout` (its own boot and shutdown) before the
