@@ -21,21 +21,11 @@ fn scratch(name: &str) -> PathBuf {
     path
 }
 
-/// `vmm ctl --control SOCK ARGS...`: (status, stdout, stderr).
+/// `vmm ctl --control SOCK --wait=120 ARGS...`: (status, stdout, stderr).
 fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(VMM)
-        .arg("ctl")
-        .arg("--control")
-        .arg(sock)
-        .arg("--wait=120")
-        .args(args)
-        .output()
-        .expect("running vmm ctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["--wait=120"];
+    all.extend_from_slice(args);
+    ctl_raw(sock, &all)
 }
 
 fn ctl_ok(sock: &Path, args: &[&str]) -> String {
@@ -260,6 +250,7 @@ fn run_refuses_a_control_path_that_is_not_a_socket() {
     assert_eq!(std::fs::read(&path).unwrap(), b"user data");
 }
 
+/// `vmm ctl --control SOCK ARGS...`: (status, stdout, stderr).
 fn ctl_raw(sock: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(VMM)
         .arg("ctl")

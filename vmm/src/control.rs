@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use devices::cxl::events::{
     DramEvent, EventLogKind, GeneralMediaEvent, MemoryModuleEvent, Overflow,
 };
-use devices::cxl::memdev::{HealthInfo, MemdevReport, SharedMemdev};
+use devices::cxl::memdev::{HealthInfo, Memdev, MemdevError, MemdevReport, SharedMemdev};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use thiserror::Error;
@@ -231,6 +231,17 @@ impl ControlTarget {
         })
     }
 
+    /// Runs `op` on device `id`'s command set, naming the device in its error.
+    fn on_device<T>(
+        &self,
+        id: &str,
+        op: impl FnOnce(&mut Memdev) -> Result<T, MemdevError>,
+    ) -> Result<T, String> {
+        let dev = self.device(id)?;
+        let mut md = dev.memdev.lock();
+        op(&mut md).map_err(|e| format!("{id}: {e}"))
+    }
+
     /// Answers one request line with one response line (no newline).
     pub fn handle_line(&self, line: &str) -> String {
         let answer = match serde_json::from_str::<Request>(line) {
@@ -264,11 +275,7 @@ impl ControlTarget {
                 Ok(report_json(&report))
             }
             Request::CxlInjectPoison(a) => {
-                let dev = self.device(&a.device)?;
-                dev.memdev
-                    .lock()
-                    .inject_poison(a.dpa, a.length)
-                    .map_err(|e| format!("{}: {e}", a.device))?;
+                self.on_device(&a.device, |md| md.inject_poison(a.dpa, a.length))?;
                 log::info!(
                     "control: {} poison injected at dpa {:#x} length {:#x}",
                     a.device,
@@ -278,11 +285,7 @@ impl ControlTarget {
                 Ok(Value::Null)
             }
             Request::CxlClearPoison(a) => {
-                let dev = self.device(&a.device)?;
-                dev.memdev
-                    .lock()
-                    .clear_poison(a.dpa, a.length)
-                    .map_err(|e| format!("{}: {e}", a.device))?;
+                self.on_device(&a.device, |md| md.clear_poison(a.dpa, a.length))?;
                 Ok(Value::Null)
             }
             Request::CxlInjectGeneralMediaEvent(a) => {
@@ -299,12 +302,9 @@ impl ControlTarget {
                     device: a.dram_device,
                     component_id: component_id(&a.component_id)?,
                 };
-                let dev = self.device(&a.device)?;
-                let handle = dev
-                    .memdev
-                    .lock()
-                    .inject_general_media_event(a.log.into(), &ev)
-                    .map_err(|e| format!("{}: {e}", a.device))?;
+                let handle = self.on_device(&a.device, |md| {
+                    md.inject_general_media_event(a.log.into(), &ev)
+                })?;
                 Ok(json!({ "handle": handle }))
             }
             Request::CxlInjectDramEvent(a) => {
@@ -326,12 +326,8 @@ impl ControlTarget {
                     correction_mask: None,
                     component_id: component_id(&a.component_id)?,
                 };
-                let dev = self.device(&a.device)?;
-                let handle = dev
-                    .memdev
-                    .lock()
-                    .inject_dram_event(a.log.into(), &ev)
-                    .map_err(|e| format!("{}: {e}", a.device))?;
+                let handle =
+                    self.on_device(&a.device, |md| md.inject_dram_event(a.log.into(), &ev))?;
                 Ok(json!({ "handle": handle }))
             }
             Request::CxlInjectMemoryModuleEvent(a) => {

@@ -107,6 +107,25 @@ fn insert_opt(m: &mut Map<String, Value>, key: &str, v: Option<u64>) {
     }
 }
 
+/// A device's DPA range (poison inject/clear).
+#[derive(clap::Args, Debug)]
+struct PoisonRangeArgs {
+    #[arg(long, default_value = "cxl0")]
+    device: String,
+    /// First DPA (64-byte aligned).
+    #[arg(long, visible_alias = "start", value_parser = number)]
+    dpa: u64,
+    /// Length in bytes (multiple of 64).
+    #[arg(long, value_parser = number, default_value = "64")]
+    length: u64,
+}
+
+impl PoisonRangeArgs {
+    fn request(&self, command: &str) -> Value {
+        json!({"command": command, "device": self.device, "dpa": self.dpa, "length": self.length})
+    }
+}
+
 #[derive(clap::Subcommand, Debug)]
 enum CtlRequest {
     /// List the VM's CXL devices.
@@ -119,26 +138,10 @@ enum CtlRequest {
     },
     /// Mark a DPA range poisoned (device-detected media error), like QMP cxl-inject-poison.
     #[command(visible_aliases = ["cxl-inject-poison", "poison-inject"])]
-    InjectPoison {
-        #[arg(long, default_value = "cxl0")]
-        device: String,
-        /// First DPA (64-byte aligned).
-        #[arg(long, visible_alias = "start", value_parser = number)]
-        dpa: u64,
-        /// Length in bytes (multiple of 64).
-        #[arg(long, value_parser = number, default_value = "64")]
-        length: u64,
-    },
+    InjectPoison(PoisonRangeArgs),
     /// Remove a DPA range from the poison list.
     #[command(visible_aliases = ["cxl-clear-poison", "poison-clear"])]
-    ClearPoison {
-        #[arg(long, default_value = "cxl0")]
-        device: String,
-        #[arg(long, visible_alias = "start", value_parser = number)]
-        dpa: u64,
-        #[arg(long, value_parser = number, default_value = "64")]
-        length: u64,
-    },
+    ClearPoison(PoisonRangeArgs),
     /// Add a General Media event record, like QMP cxl-inject-general-media-event.
     #[command(visible_aliases = ["cxl-inject-general-media-event", "inject-general-media-event"])]
     InjectGeneralMedia {
@@ -208,20 +211,8 @@ impl CtlRequest {
         Ok(match self {
             CtlRequest::Devices => json!({"command": "query-devices"}),
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
-            CtlRequest::InjectPoison {
-                device,
-                dpa,
-                length,
-            } => {
-                json!({"command": "cxl-inject-poison", "device": device, "dpa": dpa, "length": length})
-            }
-            CtlRequest::ClearPoison {
-                device,
-                dpa,
-                length,
-            } => {
-                json!({"command": "cxl-clear-poison", "device": device, "dpa": dpa, "length": length})
-            }
+            CtlRequest::InjectPoison(r) => r.request("cxl-inject-poison"),
+            CtlRequest::ClearPoison(r) => r.request("cxl-clear-poison"),
             CtlRequest::InjectGeneralMedia {
                 event,
                 media_device,
