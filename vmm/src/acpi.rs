@@ -14,10 +14,12 @@
 //!             APIC (MADT)           local APICs, IOAPIC, LAPIC NMI (LINT1)
 //!             MCFG                  one ECAM allocation
 //!             SRAT                  CPU and memory affinity (when memory ranges are given)
+//!             HMAT                  latency and bandwidth of RAM and CXL memory, when the SRAT
+//!                                   gives a CXL window its own proximity domain
 //!             CEDT                  CXL host bridges (CHBS) and fixed memory windows (CFMWS),
 //!                                   only with [`AcpiConfig::cxl`]
 //!             caller's extra tables (e.g. DMAR)
-//!             XSDT                  -> FACP, APIC, MCFG, SRAT, CEDT, extra tables
+//!             XSDT                  -> FACP, APIC, MCFG, SRAT, HMAT, CEDT, extra tables
 //! ```
 //! Every table starts 16-byte aligned. Without [`AcpiConfig::cxl`] the tables are byte for byte
 //! those of a build without CXL support.
@@ -39,7 +41,12 @@
 //!   per window (modulo arithmetic, 256 B host bridge granularity, ways = number of targets);
 //! - SRAT (when it is emitted, i.e. RAM ranges are given): one hot-pluggable memory affinity
 //!   entry per window on the window's proximity domain, so Linux gives CXL memory its own NUMA
-//!   node. Without SRAT Linux still creates a node per CFMWS itself (`acpi_parse_cfmws`).
+//!   node. Without SRAT Linux still creates a node per CFMWS itself (`acpi_parse_cfmws`);
+//! - HMAT revision 2 (with the SRAT): domain 0 (RAM) and each window domain are memory attached
+//!   to initiator domain 0 (the CPUs), with read/write latency and bandwidth for DRAM and for a
+//!   CXL 2.0 x8 memory expander (see [`build_hmat`]). Linux shows them in
+//!   `/sys/devices/system/node/nodeN/access0/initiators/` and ranks the CXL node below DRAM
+//!   in its memory tiers.
 //!
 //! The CEDT is encoded here rather than with `acpi_tables::cedt`: that module (0.2.1) writes the
 //! CHBS record length as one byte and leaves out the reserved dword at +0xC (a 27-byte CHBS), and
@@ -161,6 +168,55 @@ const OSC_FAILURE: u8 = 1 << 1;
 const CXL_QTG_DSM_UUID: &str = "F365F9A6-A7DE-4071-A66A-B40C0B4F8E52";
 /// `_STA` of `\_SB.CXLM`: present, enabled, functioning, not shown in UI.
 const CXL_ROOT_STA: u8 = 0x0b;
+
+/// HMAT revision 2 (ACPI 6.3 and later, §5.2.28): latencies are in picoseconds, and the Memory
+/// Proximity Domain Attributes structure carries no address range.
+const HMAT_REVISION: u8 = 2;
+/// HMAT header: the common table header, then 4 reserved bytes (§5.2.28).
+const HMAT_HEADER_LEN: usize = HEADER_LEN + 4;
+/// Memory Proximity Domain Attributes structure (§5.2.28.3).
+const HMAT_TYPE_PROXIMITY_DOMAIN: u16 = 0;
+const HMAT_PROXIMITY_DOMAIN_LEN: u32 = 40;
+/// Its flag "Initiator Proximity Domain Valid": the memory is attached to the initiator in that
+/// domain (Linux then reports that domain as the memory's local initiator).
+const HMAT_INITIATOR_DOMAIN_VALID: u16 = 1 << 0;
+/// System Locality Latency and Bandwidth Information structure (§5.2.28.4): this
+/// fixed part, then the initiator and target domain lists (4 bytes each) and the 2-byte entries
+/// (row = initiator, column = target).
+const HMAT_TYPE_LOCALITY: u16 = 1;
+const HMAT_LOCALITY_FIXED_LEN: usize = 32;
+/// Its flags: memory hierarchy 0 = the memory itself (not a memory-side cache); no access
+/// attributes (minimum transfer size, non-sequential transfers).
+const HMAT_HIERARCHY_MEMORY: u8 = 0;
+/// Its data types ("Data Type", §5.2.28.4).
+const HMAT_READ_LATENCY: u8 = 1;
+const HMAT_WRITE_LATENCY: u8 = 2;
+const HMAT_READ_BANDWIDTH: u8 = 4;
+const HMAT_WRITE_BANDWIDTH: u8 = 5;
+/// Entry base units: in revision 2 a latency is `entry × base` picoseconds and a bandwidth
+/// `entry × base` MB/s. With these bases the entries are nanoseconds and MB/s, which is what Linux
+/// reports (drivers/acpi/numa/hmat.c `hmat_normalize` rounds latencies up to nanoseconds).
+const HMAT_LATENCY_BASE_UNIT_PS: u64 = 1000;
+const HMAT_BANDWIDTH_BASE_UNIT_MBPS: u64 = 1;
+
+/// Performance the HMAT states for the CPUs (proximity domain 0) reaching each memory. These are
+/// plausible figures for the hardware the machine models, not measurements: in the VM both kinds
+/// of memory are host RAM behind KVM memory slots.
+///
+/// RAM (domain 0): DRAM on the CPUs' own memory controller, ~100 ns idle load-to-use latency
+/// and ~20 GB/s (about a DDR4-3200 channel's sustained rate).
+const DRAM_LATENCY_NS: u16 = 100;
+const DRAM_BANDWIDTH_MBPS: u16 = 20_000;
+/// CXL windows (their own domains): a CXL 2.0 Type 3 memory expander on an x8 link (32 GT/s,
+/// 32 GB/s raw per direction), ~250 ns (the DRAM access plus the CXL root port, link and device
+/// controller round trip) and ~16 GB/s deliverable after flit and protocol overhead.
+const CXL_X8_LATENCY_NS: u16 = 250;
+const CXL_X8_BANDWIDTH_MBPS: u16 = 16_000;
+// Entries 0 ("not provided") and 0xFFFF ("unreachable") mean something else.
+const _: () = assert!(DRAM_LATENCY_NS != 0 && DRAM_LATENCY_NS != u16::MAX);
+const _: () = assert!(DRAM_BANDWIDTH_MBPS != 0 && DRAM_BANDWIDTH_MBPS != u16::MAX);
+const _: () = assert!(CXL_X8_LATENCY_NS != 0 && CXL_X8_LATENCY_NS != u16::MAX);
+const _: () = assert!(CXL_X8_BANDWIDTH_MBPS != 0 && CXL_X8_BANDWIDTH_MBPS != u16::MAX);
 
 /// Legacy I/O port ranges routed through the host bridge, leaving out 0xCF8..0xCFF (PCI
 /// configuration mechanism #1).
@@ -374,7 +430,7 @@ pub struct AcpiConfig {
     /// AML appended to the DSDT after the built-in objects.
     pub extra_dsdt_aml: Vec<u8>,
     /// CXL host bridge and fixed memory windows: CEDT, ACPI0016/ACPI0017 in the DSDT, SRAT
-    /// entries. `None` leaves every table as it is without CXL.
+    /// entries and the HMAT. `None` leaves every table as it is without CXL.
     pub cxl: Option<CxlConfig>,
 }
 
@@ -426,6 +482,23 @@ impl AcpiConfig {
         }
         ranges
     }
+
+    /// The CXL windows' proximity domains the HMAT describes next to RAM's domain 0: each
+    /// distinct window domain other than 0, in window order. Empty, and then there is no HMAT,
+    /// unless the SRAT gives a CXL window a domain of its own, i.e. with CXL windows and RAM
+    /// ranges (domain 0 must be in the SRAT too, or Linux ignores the whole HMAT).
+    fn hmat_cxl_domains(&self) -> Vec<u32> {
+        let mut domains: Vec<u32> = Vec::new();
+        if let (false, Some(cxl)) = (self.ram_ranges.is_empty(), &self.cxl) {
+            for window in &cxl.windows {
+                let domain = window.proximity_domain;
+                if domain != 0 && !domains.contains(&domain) {
+                    domains.push(domain);
+                }
+            }
+        }
+        domains
+    }
 }
 
 /// The table image: copy `bytes` to guest physical `base`; the RSDP is at `rsdp_addr`.
@@ -436,8 +509,9 @@ pub struct AcpiTables {
     pub rsdp_addr: u64,
 }
 
-/// Builds RSDP, XSDT, FADT, MADT, MCFG, SRAT (if there is memory to describe), CEDT (with CXL),
-/// DSDT and the caller's extra tables, laid out from [`layout::ACPI_START`] with the RSDP first.
+/// Builds RSDP, XSDT, FADT, MADT, MCFG, SRAT (if there is memory to describe), HMAT (with a CXL
+/// window domain in the SRAT), CEDT (with CXL), DSDT and the caller's extra tables, laid out from
+/// [`layout::ACPI_START`] with the RSDP first.
 ///
 /// Fails with [`AcpiError::TooLarge`] if they do not fit in [`layout::ACPI_SIZE`], and with the
 /// matching error for any invalid configuration.
@@ -456,6 +530,10 @@ pub fn create_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     let affinity = cfg.memory_affinity();
     if !affinity.is_empty() {
         xsdt_entries.push(image.place(&build_srat(cfg.num_cpus, &affinity)?)?);
+    }
+    let hmat_cxl_domains = cfg.hmat_cxl_domains();
+    if !hmat_cxl_domains.is_empty() {
+        xsdt_entries.push(image.place(&build_hmat(&hmat_cxl_domains))?);
     }
     if let Some(cxl) = &cfg.cxl {
         xsdt_entries.push(image.place(&build_cedt(cxl))?);
@@ -647,7 +725,9 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
 
     for (index, table) in cfg.extra_tables.iter().enumerate() {
         validate_extra_table(index, table)?;
-        if cfg.cxl.is_some() && table.get(0..4) == Some(&b"CEDT"[..]) {
+        let clashes_with_cxl = (cfg.cxl.is_some() && table.get(0..4) == Some(&b"CEDT"[..]))
+            || (!cfg.hmat_cxl_domains().is_empty() && table.get(0..4) == Some(&b"HMAT"[..]));
+        if clashes_with_cxl {
             return Err(AcpiError::InvalidExtraTable {
                 index,
                 reason: "signature clashes with a built-in table",
@@ -723,7 +803,8 @@ fn validate_cxl(cxl: &CxlConfig) -> Result<(), AcpiError> {
     Ok(())
 }
 
-/// Signatures this module generates itself; an extra table must not duplicate them.
+/// Signatures this module always generates itself; an extra table must not duplicate them (nor
+/// the CEDT or HMAT when those are generated, see [`validate`]).
 const BUILT_IN_SIGNATURES: [&[u8; 4]; 6] = [b"XSDT", b"FACP", b"DSDT", b"APIC", b"MCFG", b"SRAT"];
 
 fn validate_extra_table(index: usize, table: &[u8]) -> Result<(), AcpiError> {
@@ -876,6 +957,88 @@ fn build_srat(num_cpus: u8, memory: &[MemoryAffinityRange]) -> Result<Vec<u8>, A
     }
     srat.append_slice(&body);
     Ok(srat.as_slice().to_vec())
+}
+
+/// HMAT (§5.2.28), revision 2: how fast the CPUs (all on proximity domain 0) reach RAM (domain 0,
+/// [`DRAM_LATENCY_NS`], [`DRAM_BANDWIDTH_MBPS`]) and each CXL window domain in `cxl_domains`
+/// ([`CXL_X8_LATENCY_NS`], [`CXL_X8_BANDWIDTH_MBPS`]):
+///
+/// ```text
+/// header  36-byte table header, +36 reserved (4)
+/// type 0  Memory Proximity Domain Attributes (§5.2.28.3), one per target domain (0, then CXL):
+///         +0 type 0, +2 reserved, +4 length 40, +8 flags (bit 0: initiator domain valid),
+///         +0xA reserved, +0xC initiator domain 0, +0x10 memory domain, +0x14 reserved (4 + 16)
+/// type 1  System Locality Latency and Bandwidth Information (§5.2.28.4), one per data type
+///         (read latency, write latency, read bandwidth, write bandwidth):
+///         +0 type 1, +2 reserved, +4 length 32 + 4·I + 4·T + 2·I·T, +8 flags (0: memory),
+///         +9 data type, +0xA minimum transfer size 0, +0xB reserved, +0xC initiators I = 1,
+///         +0x10 targets T, +0x14 reserved, +0x18 entry base unit (ps or MB/s),
+///         +0x20 initiator domains {0}, target domains {0, CXL...}, entries [initiator][target]
+/// ```
+/// Linux (drivers/acpi/numa/hmat.c) needs every memory domain here to be in the SRAT, takes
+/// the initiator of a type 0 structure as the memory's local initiator, and shows the type 1
+/// values under `/sys/devices/system/node/nodeN/access{0,1}/initiators/` once the node has
+/// memory online.
+fn build_hmat(cxl_domains: &[u32]) -> Vec<u8> {
+    let mut hmat = Sdt::new(
+        *b"HMAT",
+        HMAT_HEADER_LEN as u32,
+        HMAT_REVISION,
+        OEM_ID,
+        table_id(b"HMAT"),
+        OEM_REVISION,
+    );
+    // (domain, latency entry, bandwidth entry) in the entry base units.
+    let targets: Vec<(u32, u16, u16)> = std::iter::once((0, DRAM_LATENCY_NS, DRAM_BANDWIDTH_MBPS))
+        .chain(
+            cxl_domains
+                .iter()
+                .map(|&d| (d, CXL_X8_LATENCY_NS, CXL_X8_BANDWIDTH_MBPS)),
+        )
+        .collect();
+    let initiator: u32 = 0;
+
+    let mut body = Vec::new();
+    for &(domain, _, _) in &targets {
+        body.extend_from_slice(&HMAT_TYPE_PROXIMITY_DOMAIN.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(&HMAT_PROXIMITY_DOMAIN_LEN.to_le_bytes());
+        body.extend_from_slice(&HMAT_INITIATOR_DOMAIN_VALID.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(&initiator.to_le_bytes());
+        body.extend_from_slice(&domain.to_le_bytes());
+        body.extend_from_slice(&[0; 20]);
+    }
+    let locality_len = HMAT_LOCALITY_FIXED_LEN + 4 + targets.len() * (4 + 2);
+    // (data type, entry base unit, whether the entries are latencies).
+    let localities = [
+        (HMAT_READ_LATENCY, HMAT_LATENCY_BASE_UNIT_PS, true),
+        (HMAT_WRITE_LATENCY, HMAT_LATENCY_BASE_UNIT_PS, true),
+        (HMAT_READ_BANDWIDTH, HMAT_BANDWIDTH_BASE_UNIT_MBPS, false),
+        (HMAT_WRITE_BANDWIDTH, HMAT_BANDWIDTH_BASE_UNIT_MBPS, false),
+    ];
+    for (data_type, base_unit, is_latency) in localities {
+        body.extend_from_slice(&HMAT_TYPE_LOCALITY.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        // A table too large for the ACPI area is refused when placed, so a length that does not
+        // fit 32 bits never reaches the guest.
+        body.extend_from_slice(&(locality_len as u32).to_le_bytes());
+        body.extend_from_slice(&[HMAT_HIERARCHY_MEMORY, data_type, 0, 0]);
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&(targets.len() as u32).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&base_unit.to_le_bytes());
+        body.extend_from_slice(&initiator.to_le_bytes());
+        for &(domain, _, _) in &targets {
+            body.extend_from_slice(&domain.to_le_bytes());
+        }
+        for &(_, latency, bandwidth) in &targets {
+            let entry = if is_latency { latency } else { bandwidth };
+            body.extend_from_slice(&entry.to_le_bytes());
+        }
+    }
+    hmat.append_slice(&body);
+    hmat.as_slice().to_vec()
 }
 
 /// CFMWS "Encoded Number of Interleave Ways" (ENIW) for `ways` targets (CXL 2.0 §9.14.1.3;
@@ -2149,19 +2312,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn xsdt_lists_cedt_after_srat() {
-        let t = create_acpi_tables(&cxl_config()).unwrap();
+    /// The signatures of the tables the XSDT lists, in order.
+    fn xsdt_signatures(t: &AcpiTables) -> Vec<[u8; 4]> {
         let (_, xsdt) = t.find_table(b"XSDT").unwrap();
-        let sigs: Vec<[u8; 4]> = xsdt[HEADER_LEN..]
+        xsdt[HEADER_LEN..]
             .chunks_exact(8)
             .map(|e| {
                 let offset = (u64_at(e, 0) - t.base) as usize;
                 t.bytes[offset..offset + 4].try_into().unwrap()
             })
-            .collect();
-        assert_eq!(sigs, [*b"FACP", *b"APIC", *b"MCFG", *b"SRAT", *b"CEDT"]);
-        for sig in ALL_SIGNATURES.iter().copied().chain([b"CEDT"]) {
+            .collect()
+    }
+
+    #[test]
+    fn xsdt_lists_hmat_and_cedt_after_srat() {
+        let t = create_acpi_tables(&cxl_config()).unwrap();
+        assert_eq!(
+            xsdt_signatures(&t),
+            [*b"FACP", *b"APIC", *b"MCFG", *b"SRAT", *b"HMAT", *b"CEDT"]
+        );
+        for sig in ALL_SIGNATURES.iter().copied().chain([b"HMAT", b"CEDT"]) {
             let (_, table) = t.find_table(sig).unwrap();
             assert_eq!(sum(table), 0, "{sig:?}");
             assert_eq!(u32_at(table, 4) as usize, table.len(), "{sig:?}");
@@ -2276,7 +2446,236 @@ mod tests {
         cfg.cxl = Some(CxlConfig::from_layout(256 << 20, 1));
         let t = create_acpi_tables(&cfg).unwrap();
         assert!(t.find_table(b"SRAT").is_none());
+        assert!(t.find_table(b"HMAT").is_none());
         assert!(t.find_table(b"CEDT").is_some());
+    }
+
+    /// HMAT structures after the 40-byte header as (type, bytes).
+    fn hmat_structures(hmat: &[u8]) -> Vec<(u16, &[u8])> {
+        let mut out = Vec::new();
+        let mut offset = HEADER_LEN + 4;
+        while offset < hmat.len() {
+            let len = u32_at(hmat, offset + 4) as usize;
+            assert!(len >= 8);
+            out.push((u16_at(hmat, offset), &hmat[offset..offset + len]));
+            offset += len;
+        }
+        assert_eq!(offset, hmat.len());
+        out
+    }
+
+    /// Memory Proximity Domain Attributes structure: memory on `domain` attached to initiator
+    /// domain 0.
+    fn hmat_proximity(domain: u32) -> Vec<u8> {
+        let mut s = vec![0u8, 0, 0, 0, 40, 0, 0, 0];
+        s.extend_from_slice(&1u16.to_le_bytes()); // initiator domain valid
+        s.extend_from_slice(&[0, 0]);
+        s.extend_from_slice(&0u32.to_le_bytes()); // initiator domain
+        s.extend_from_slice(&domain.to_le_bytes());
+        s.extend_from_slice(&[0; 20]);
+        s
+    }
+
+    /// System Locality Latency and Bandwidth Information structure from initiator domain 0.
+    fn hmat_locality(data_type: u8, base_unit: u64, targets: &[u32], entries: &[u16]) -> Vec<u8> {
+        let len = 32 + 4 + 4 * targets.len() + 2 * entries.len();
+        let mut s = vec![1u8, 0, 0, 0];
+        s.extend_from_slice(&(len as u32).to_le_bytes());
+        s.extend_from_slice(&[0, data_type, 0, 0]);
+        s.extend_from_slice(&1u32.to_le_bytes());
+        s.extend_from_slice(&(targets.len() as u32).to_le_bytes());
+        s.extend_from_slice(&0u32.to_le_bytes());
+        s.extend_from_slice(&base_unit.to_le_bytes());
+        s.extend_from_slice(&0u32.to_le_bytes());
+        for t in targets {
+            s.extend_from_slice(&t.to_le_bytes());
+        }
+        for e in entries {
+            s.extend_from_slice(&e.to_le_bytes());
+        }
+        s
+    }
+
+    /// What Linux makes of an entry of an HMAT revision 2 (drivers/acpi/numa/hmat.c
+    /// `hmat_normalize`): latencies in ns rounded up, bandwidths in MB/s.
+    fn linux_hmat_value(entry: u16, base_unit: u64, data_type: u8) -> u64 {
+        let value = u64::from(entry) * base_unit;
+        if data_type <= 2 {
+            value.div_ceil(1000)
+        } else {
+            value
+        }
+    }
+
+    #[test]
+    fn hmat_describes_ram_and_the_cxl_domain() {
+        let t = create_acpi_tables(&cxl_config()).unwrap();
+        let (addr, hmat) = t.find_table(b"HMAT").unwrap();
+        assert_eq!(addr % TABLE_ALIGN as u64, 0);
+        assert_eq!(&hmat[0..4], b"HMAT");
+        assert_eq!(hmat[8], 2, "revision");
+        assert_eq!(&hmat[10..16], b"RUSTVM");
+        assert_eq!(&hmat[16..24], b"RVMMHMAT");
+        assert_eq!(sum(hmat), 0, "checksum");
+        assert_eq!(u32_at(hmat, 4) as usize, hmat.len());
+        assert_eq!(u32_at(hmat, 36), 0, "reserved");
+        // Header, two proximity domain structures, four locality structures of 1×2 entries.
+        assert_eq!(hmat.len(), 40 + 2 * 40 + 4 * (32 + 4 + 2 * 4 + 2 * 2));
+
+        let structures = hmat_structures(hmat);
+        let types: Vec<u16> = structures.iter().map(|(ty, _)| *ty).collect();
+        assert_eq!(types, [0, 0, 1, 1, 1, 1]);
+        assert_eq!(structures[0].1, &hmat_proximity(0)[..]);
+        assert_eq!(structures[1].1, &hmat_proximity(1)[..]);
+        let expected = [
+            (1, 1000, [100, 250]),
+            (2, 1000, [100, 250]),
+            (4, 1, [20_000, 16_000]),
+            (5, 1, [20_000, 16_000]),
+        ];
+        for ((_, s), (data_type, base, entries)) in structures[2..].iter().zip(expected) {
+            assert_eq!(*s, &hmat_locality(data_type, base, &[0, 1], &entries)[..]);
+            // Field offsets as Linux reads them (struct acpi_hmat_locality).
+            assert_eq!(u32_at(s, 4), 48, "length");
+            assert_eq!(s[9], data_type);
+            assert_eq!(u32_at(s, 12), 1, "initiators");
+            assert_eq!(u32_at(s, 16), 2, "targets");
+            assert_eq!(u64_at(s, 24), base, "entry base unit");
+            assert_eq!(u32_at(s, 32), 0, "initiator domain");
+            assert_eq!((u32_at(s, 36), u32_at(s, 40)), (0, 1), "target domains");
+            assert_eq!((u16_at(s, 44), u16_at(s, 46)), (entries[0], entries[1]));
+        }
+    }
+
+    #[test]
+    fn hmat_figures_are_what_linux_reports() {
+        let t = create_acpi_tables(&cxl_config()).unwrap();
+        let (_, hmat) = t.find_table(b"HMAT").unwrap();
+        let mut seen = Vec::new();
+        for (ty, s) in hmat_structures(hmat) {
+            if ty != 1 {
+                continue;
+            }
+            let data_type = s[9];
+            let base = u64_at(s, 24);
+            let values: Vec<u64> = (0..2)
+                .map(|i| linux_hmat_value(u16_at(s, 44 + 2 * i), base, data_type))
+                .collect();
+            seen.push((data_type, values));
+        }
+        // read/write latency in ns, read/write bandwidth in MB/s; DRAM then CXL.
+        assert_eq!(
+            seen,
+            [
+                (1, vec![100, 250]),
+                (2, vec![100, 250]),
+                (4, vec![20_000, 16_000]),
+                (5, vec![20_000, 16_000]),
+            ]
+        );
+        assert_eq!(u64::from(DRAM_LATENCY_NS), 100);
+        assert_eq!(u64::from(CXL_X8_LATENCY_NS), 250);
+        assert_eq!(u64::from(DRAM_BANDWIDTH_MBPS), 20_000);
+        assert_eq!(u64::from(CXL_X8_BANDWIDTH_MBPS), 16_000);
+    }
+
+    #[test]
+    fn hmat_lists_each_cxl_domain_once() {
+        let mut cfg = cxl_config();
+        let cxl = cfg.cxl.as_mut().unwrap();
+        for (n, domain) in [(1u64, 3u32), (2, 1), (3, 3)] {
+            cxl.windows.push(CxlWindowConfig::new(
+                layout::CXL_WINDOW_START + (n << 30),
+                256 << 20,
+                vec![0],
+                domain,
+            ));
+        }
+        let t = create_acpi_tables(&cfg).unwrap();
+        let (_, hmat) = t.find_table(b"HMAT").unwrap();
+        assert_eq!(sum(hmat), 0);
+        let structures = hmat_structures(hmat);
+        let domains: Vec<u32> = structures
+            .iter()
+            .filter(|(ty, _)| *ty == 0)
+            .map(|(_, s)| u32_at(s, 16))
+            .collect();
+        assert_eq!(domains, [0, 1, 3]);
+        let localities: Vec<&[u8]> = structures
+            .iter()
+            .filter(|(ty, _)| *ty == 1)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(localities.len(), 4);
+        // 3 targets: the length (54) is not a multiple of 4, and nothing pads it.
+        assert_eq!(
+            localities[0],
+            &hmat_locality(1, 1000, &[0, 1, 3], &[100, 250, 250])[..]
+        );
+        assert_eq!(localities[0].len(), 32 + 4 + 12 + 6);
+        assert_eq!(
+            localities[3],
+            &hmat_locality(5, 1, &[0, 1, 3], &[20_000, 16_000, 16_000])[..]
+        );
+        assert_eq!(hmat.len(), 40 + 3 * 40 + 4 * 54);
+    }
+
+    #[test]
+    fn xsdt_lists_hmat_only_with_a_cxl_domain() {
+        let base: [[u8; 4]; 4] = [*b"FACP", *b"APIC", *b"MCFG", *b"SRAT"];
+        // No CXL: no HMAT, and the tables are those of a build without it.
+        let t = tables(2);
+        assert!(t.find_table(b"HMAT").is_none());
+        assert_eq!(xsdt_signatures(&t), base);
+        // Extra SRAT domains alone do not make an HMAT.
+        let mut cfg = config(2);
+        cfg.extra_memory_affinity.push(MemoryAffinityRange {
+            base: 1 << 32,
+            size: 1 << 30,
+            proximity_domain: 1,
+            hot_pluggable: false,
+            non_volatile: false,
+        });
+        let t = create_acpi_tables(&cfg).unwrap();
+        assert!(t.find_table(b"HMAT").is_none());
+        // CXL without windows, or with the window on the RAM's domain: no CXL domain.
+        let mut cfg = cxl_config();
+        cfg.cxl.as_mut().unwrap().windows.clear();
+        let t = create_acpi_tables(&cfg).unwrap();
+        assert!(t.find_table(b"HMAT").is_none());
+        assert_eq!(xsdt_signatures(&t), [base.as_slice(), &[*b"CEDT"]].concat());
+        let mut cfg = cxl_config();
+        cfg.cxl.as_mut().unwrap().windows[0].proximity_domain = 0;
+        assert!(
+            create_acpi_tables(&cfg)
+                .unwrap()
+                .find_table(b"HMAT")
+                .is_none()
+        );
+        // CXL without RAM ranges: no SRAT, so no HMAT (covered by
+        // cxl_without_ram_ranges_has_no_srat). With both: listed after the SRAT.
+        let t = create_acpi_tables(&cxl_config()).unwrap();
+        let sigs = xsdt_signatures(&t);
+        assert_eq!(sigs.iter().filter(|s| *s == b"HMAT").count(), 1);
+        assert_eq!(sigs[4], *b"HMAT");
+    }
+
+    #[test]
+    fn extra_hmat_clashes_only_with_the_built_in_one() {
+        let mut cfg = cxl_config();
+        cfg.extra_tables.push(extra_table(b"HMAT", &[0; 4]));
+        assert_eq!(
+            create_acpi_tables(&cfg),
+            Err(AcpiError::InvalidExtraTable {
+                index: 0,
+                reason: "signature clashes with a built-in table"
+            })
+        );
+        // Without a CXL domain the caller may bring its own.
+        cfg.cxl = None;
+        let t = create_acpi_tables(&cfg).unwrap();
+        let (_, hmat) = t.find_table(b"HMAT").unwrap();
+        assert_eq!(hmat.len(), HEADER_LEN + 4);
     }
 
     #[test]
@@ -2422,7 +2821,11 @@ mod tests {
 
         // With CXL.
         let t = create_acpi_tables(&cxl_config()).unwrap();
-        let sigs: Vec<&[u8; 4]> = ALL_SIGNATURES.iter().copied().chain([b"CEDT"]).collect();
+        let sigs: Vec<&[u8; 4]> = ALL_SIGNATURES
+            .iter()
+            .copied()
+            .chain([b"HMAT", b"CEDT"])
+            .collect();
         let listings = iasl_disassemble(&t, &sigs, &dir);
         let listing = |name: &str| &listings.iter().find(|(n, _)| n == name).unwrap().1;
         let dsdt = listing("dsdt");
@@ -2467,6 +2870,56 @@ mod tests {
         assert!(srat.contains("Proximity Domain : 00000001"));
         assert!(srat.contains("Base Address : 0000004000000000"));
         assert!(srat.contains("Hot Pluggable : 1"));
+        // The fields without their "[offset decimal length]" prefixes, squeezed.
+        let fields = |listing: &str| {
+            let lines: Vec<&str> = listing
+                .lines()
+                .map(|l| match l.trim_start().strip_prefix('[') {
+                    Some(rest) => rest.split_once(']').map_or(l, |(_, field)| field),
+                    None => l,
+                })
+                .collect();
+            squeeze(&lines.join("\n"))
+        };
+        let hmat = fields(listing("hmat"));
+        for expected in [
+            "Revision : 02",
+            "Structure Type : 0000 [Memory Proximity Domain Attributes]",
+            "Length : 00000028",
+            "Memory Proximity Domain : 00000001",
+            "Structure Type : 0001 [System Locality Latency and Bandwidth Information]",
+            "Length : 00000030",
+            "Data Type : 01",
+            "Data Type : 02",
+            "Data Type : 04",
+            "Data Type : 05",
+            "Entry Base Unit : 00000000000003E8",
+            "Entry Base Unit : 0000000000000001",
+            "Target Proximity Domain List : 00000001",
+            "Entry : 0064 Entry : 00FA",
+            "Entry : 4E20 Entry : 3E80",
+        ] {
+            assert!(hmat.contains(expected), "HMAT: {expected}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Two CXL domains, three targets: the locality structures' length (54) is not a
+        // multiple of 4; iasl must still find every structure.
+        let mut cfg = cxl_config();
+        cfg.cxl.as_mut().unwrap().windows.push(CxlWindowConfig::new(
+            layout::CXL_WINDOW_START + (1 << 30),
+            256 << 20,
+            vec![0],
+            2,
+        ));
+        let t = create_acpi_tables(&cfg).unwrap();
+        let listings = iasl_disassemble(&t, &[b"HMAT"], &dir);
+        let hmat = fields(&listings[0].1);
+        assert!(hmat.contains("Length : 00000036"), "{hmat}");
+        assert!(hmat.contains("Target Proximity Domain List : 00000002"));
+        assert!(hmat.contains("Entry : 0064 Entry : 00FA Entry : 00FA Structure Type"));
+        assert!(hmat.contains("Entry : 4E20 Entry : 3E80 Entry : 3E80 Raw Table Data"));
+        assert_eq!(hmat.matches("Data Type :").count(), 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
