@@ -349,3 +349,65 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
         off += n as u64;
     }
 }
+
+#[test]
+fn hmat_reports_dram_and_cxl_access_performance_per_node() {
+    // The VMM's HMAT (vmm/src/acpi.rs) states, from the CPUs' node 0, ~100 ns / 20000 MB/s for
+    // RAM (node 0) and ~250 ns / 16000 MB/s for the CXL window (node 1, a CXL 2.0 x8 expander).
+    // Linux shows a node's access0 attributes once it has memory online: --cxl-precommit brings
+    // the region up as System RAM at boot.
+    let img = scratch("hmat.img");
+    let script = r#"
+        set -e
+        dmesg | grep -i hmat
+        for n in 0 1; do
+            d=/sys/devices/system/node/node$n/access0/initiators
+            echo "node$n-initiators $(ls $d | tr '\n' ' ')"
+            for f in read_latency write_latency read_bandwidth write_bandwidth; do
+                echo "node$n-$f $(cat $d/$f)"
+            done
+        done
+    "#;
+    let run = guest([
+        "run".to_string(),
+        TIMEOUT.to_string(),
+        "--memory=1G".to_string(),
+        "--cxl-precommit".to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=0,backing={}",
+            img.display()
+        ),
+        "--".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        script.to_string(),
+    ]);
+    run.expect_status(0);
+    let out = &run.stdout;
+    // The kernel took the table: both memory domains attached to the CPUs' domain, no
+    // "Ignoring: Invalid table" or "Unexpected ... length" complaints.
+    assert!(
+        out.contains("acpi/hmat: Memory Flags:0001 Processor Domain:0 Memory Domain:0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("acpi/hmat: Memory Flags:0001 Processor Domain:0 Memory Domain:1"),
+        "{out}"
+    );
+    for complaint in ["Ignoring", "Unexpected", "Invalid", "missing"] {
+        assert!(!out.contains(complaint), "{complaint}\n{out}");
+    }
+    // Node 0's CPUs are the best (only) initiator of both nodes.
+    assert!(out.contains("node0-initiators node0 "), "{out}");
+    assert!(out.contains("node1-initiators node0 "), "{out}");
+    for (node, latency_ns, bandwidth_mbps) in [(0, 100, 20_000), (1, 250, 16_000)] {
+        for (attr, want) in [
+            ("read_latency", latency_ns),
+            ("write_latency", latency_ns),
+            ("read_bandwidth", bandwidth_mbps),
+            ("write_bandwidth", bandwidth_mbps),
+        ] {
+            assert_eq!(reported(out, &format!("node{node}-{attr}")), want, "{out}");
+        }
+    }
+}
