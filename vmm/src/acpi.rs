@@ -26,7 +26,7 @@
 //!
 //! # CXL (Compute Express Link 2.0)
 //! With [`CxlConfig`] the machine describes one CXL 2.0 host bridge the way Linux's `cxl_acpi`
-//! expects (CXL 2.0 §9.14 "ACPI"; ACPI 6.5 §5.2.28 for the CEDT):
+//! expects (CXL 2.0 §9.14 "ACPI"; the CEDT is CXL 2.0 §9.14.1, its signature reserved in ACPI 6.5 Table 5.6):
 //! - the single PCIe root `\_SB.PCI0` (segment 0, root bus 0) becomes the CXL host bridge:
 //!   `_HID "ACPI0016"`, `_CID { PNP0A08, PNP0A03 }`, `_UID` = the CHBS UID, `_PXM 0` (the RAM and
 //!   CPU domain: the window's node would otherwise leave PCI on no node). Linux's PCI root driver
@@ -140,7 +140,7 @@ const OSC_UNRECOGNIZED_UUID: u8 = 1 << 2;
 const OSC_UNRECOGNIZED_REVISION: u8 = 1 << 3;
 const OSC_CAPABILITIES_MASKED: u8 = 1 << 4;
 
-/// CEDT revision (ACPI 6.5 §5.2.28; CXL 2.0 §9.14.1).
+/// CEDT revision (CXL 2.0 §9.14.1).
 const CEDT_REVISION: u8 = 1;
 /// CEDT structure types and lengths (CXL 2.0 §9.14.1.2, §9.14.1.3).
 const CEDT_TYPE_CHBS: u8 = 0;
