@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""CXL memory bandwidth benchmark (a benchmark, not a test): bench/cxl-bandwidth.sh --help.
+
+Sequential write and read bandwidth of CXL Type 3 memory against ordinary RAM of the same
+guest, measured by the guest tool memio (tests/guest-tools/memio.rs, built statically once):
+`memio bw` maps SIZE bytes, touches them once (untimed for the rates), then times ROUNDS
+sequential write passes and read passes.
+
+  our VMM   --memory=1G --cpus=1 --cxl-precommit, one 512 MiB volatile CXL device (backing
+            file on tmpfs), kernel `memhp_default_state=offline`: the firmware-committed RAM
+            region is NUMA node 1, onlined movable with daxctl. memio over SIZE (default
+            256 MiB) of anonymous memory bound with numactl to node 0 (RAM) and to node 1
+            (CXL), interleaved REPEAT times; then the region as device dax (/dev/dax0.0),
+            again interleaved with node-0 RAM; both with memio's default access ("vec":
+            memset and a vectorised sum) and with --u64 (one 64-bit load/store per word).
+  QEMU      this machine's qemu-system-x86_64 (7.2 here, whose cxl-type3 is persistent memory
+            only): -M q35,cxl=on, pxb-cxl + cxl-rp + cxl-type3 (256 MiB pmem on tmpfs, LSA,
+            serial number), -accel kvm -cpu host,hypervisor=off (Linux creates regions only on
+            "bare metal"), 1 vCPU, 1 GiB, the same kernel and initramfs as our guest plus
+            `pci=nomsi` (see QEMU_CMDLINE_EXTRA). In the guest: `cxl create-region -t pmem`, a
+            devdax namespace with its struct pages in RAM, then memio --u64 on /dev/dax0.0
+            against anonymous RAM. QEMU's CXL window is emulated MMIO (every access exits to
+            QEMU, ~0.1 MB/s here), so its CXL runs have --qemu-rounds (default 1) rounds of
+            passes over --qemu-size (default 1 MiB), each pass capped at --qemu-max-secs
+            (default 10 s); u64 because plain loads and stores are what every instruction
+            emulator handles (vector instructions on emulated MMIO may not be).
+
+Where this machine's /dev/kvm cannot run a stock guest (nested PVM), everything runs inside ONE
+nested host (`vmm host -- bench/cxl-bandwidth.py --inner ...`, like bench/boot.py), so both
+VMMs see the same (TCG-distorted) conditions: absolute MB/s mean little there, only ratios
+within a guest do.
+
+Results: stdout, target/bench/cxl-bandwidth-results.{txt,json}; guest outputs and consoles in
+target/bench/cxl-logs/.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+WORK = os.path.join(REPO, "target", "bench")  # never /tmp: the nested host hides it
+LOGS = os.path.join(WORK, "cxl-logs")
+MEMIO_SRC = os.path.join(REPO, "tests", "guest-tools", "memio.rs")
+CMDLINE = "console=ttyS0 reboot=acpi panic=-1 quiet"  # our VMM's base command line
+# QEMU 7.2's cxl-type3 has no event interrupts: with the OS owning CXL error reporting (_OSC),
+# Linux 7.2's cxl_pci fails its probe ("Failed to get interrupt for event Info log") and no
+# memdev appears. Without MSI, cxl_pci skips event processing and probes fine (the guest has no
+# other device that needs MSI).
+QEMU_CMDLINE_EXTRA = "pci=nomsi"
+# Last line of both guest scripts: the guest's own clock (what memio times with) against the
+# harness's wall time for the whole VMM run (boot and power-off included), to catch a guest
+# clock that runs fast or slow.
+CLOCK_LINE = ('echo "guest-clock uptime=$(cut -d" " -f1 /proc/uptime) '
+              'clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"')
+CLOCK_RE = re.compile(r"^guest-clock uptime=([0-9.]+) clocksource=(\S+)", re.M)
+BW_RE = re.compile(r"^(\S+) memio-bw (.*)$")
+
+sys.path.insert(0, BENCH)
+import boot as bootbench  # noqa: E402  (pinned_images, cpio_record, hold_kvm_static_keys)
+
+
+def die(msg, status=1):
+    print(f"cxl-bandwidth.sh: error: {msg}", file=sys.stderr)
+    sys.exit(status)
+
+
+def note(msg):
+    print(f"cxl-bandwidth.sh: {msg}", file=sys.stderr, flush=True)
+
+
+def size_bytes(s):
+    m = re.fullmatch(r"([0-9]+)([KMG]?)", s)
+    if not m:
+        die(f"bad size '{s}' (use e.g. 256M)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Guest scripts (busybox sh). Each measurement prints one line "LABEL memio-bw key=value ...".
+
+
+def ours_script(a):
+    return f"""
+set -e -o pipefail
+bw() {{ label=$1; shift; "$@" | sed "s/^/$label /"; }}
+# kmem left the region's memory offline (memhp_default_state=offline); online it movable so
+# it can be handed back to device dax afterwards.
+daxctl online-memory dax0.0 >&2
+daxctl list >&2
+numactl -H >&2
+for i in $(seq {a.repeat}); do
+    bw ram numactl --membind=0 memio bw anon {a.size} {a.rounds}
+    bw cxl-node1 numactl --membind=1 memio bw anon {a.size} {a.rounds}
+done
+daxctl reconfigure-device --mode=devdax --force dax0.0 >&2
+for i in $(seq {a.repeat}); do
+    bw ram-b numactl --membind=0 memio bw anon {a.size} {a.rounds}
+    bw cxl-devdax memio bw /dev/dax0.0 {a.size} {a.rounds}
+done
+for i in $(seq {a.repeat}); do
+    bw ram-u64 numactl --membind=0 memio bw anon {a.size} {a.rounds} --u64
+    bw cxl-devdax-u64 memio bw /dev/dax0.0 {a.size} {a.rounds} --u64
+done
+{CLOCK_LINE}
+"""
+
+
+def qemu_script(a):
+    if a.qemu_guest_script:
+        with open(a.qemu_guest_script) as f:
+            return f.read()
+    cap = f"--max-secs={a.qemu_max_secs}"
+    return f"""
+set -e -o pipefail
+bw() {{ label=$1; shift; "$@" | sed "s/^/$label /"; }}
+cxl list -M -u >&2
+cxl create-region -t pmem -d decoder0.0 -m mem0 -s 256M >&2
+ndctl create-namespace -m devdax -M mem -r region0 >&2
+daxctl list >&2
+dax=$(ls /dev/dax* | head -n1)
+for i in $(seq {a.repeat}); do
+    bw ram-u64 memio bw anon {a.size} {a.rounds} --u64
+    bw cxl-devdax-u64 memio bw $dax {a.qemu_size} {a.qemu_rounds} --u64 {cap}
+done
+for i in $(seq {a.repeat}); do
+    bw ram memio bw anon {a.size} {a.rounds}
+done
+{CLOCK_LINE}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the guests (inside the nested host where needed)
+
+
+def run_logged(name, argv, timeout, env=None):
+    """Runs argv with stdout/stderr in LOGS/name.{out,err}; returns (status, out, err, secs)."""
+    os.makedirs(LOGS, exist_ok=True)
+    out_path = os.path.join(LOGS, f"{name}.out")
+    err_path = os.path.join(LOGS, f"{name}.err")
+    note(f"{name}: {' '.join(argv[:-1] if argv[-2:-1] == ['-c'] else argv)} ...")
+    t0 = time.monotonic()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        try:
+            status = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    timeout=timeout, env=env).returncode
+        except subprocess.TimeoutExpired:
+            status = None
+    secs = time.monotonic() - t0
+    with open(out_path, errors="replace") as f:
+        o = f.read()
+    with open(err_path, errors="replace") as f:
+        e = f.read()
+    note(f"{name}: status {status} after {secs:.0f} s")
+    return status, o, e, secs
+
+
+def measure_ours(a, stage):
+    backing = os.path.join(stage, "cxl-ram.img")
+    argv = [a.vmm, "run", "--host=direct", "--memory=1G", "--cpus=1", "--cxl-precommit",
+            f"--cxl-type3=volatile=512M,persistent=0,backing={backing}",
+            "--cmdline=memhp_default_state=offline", f"--guest-file={a.memio}:/usr/local/bin/memio",
+            f"--timeout={a.timeout}", "--", "sh", "-c", ours_script(a)]
+    status, out, err, secs = run_logged("vmm", argv, a.timeout + 60)
+    if status != 0:
+        tail = "\n".join(err.splitlines()[-25:])
+        die(f"our VMM's run failed (status {status}); {LOGS}/vmm.err:\n{tail}")
+    return parse(out), secs, guest_clock(out)
+
+
+def qemu_initrd(a, stage):
+    """The pinned guest initramfs plus a cpio with memio and /vmm/args (what our VMM appends)."""
+    with open(a.memio, "rb") as f:
+        memio = f.read()
+    args = "set -- 'sh' '-c' '" + qemu_script(a).replace("'", "'\\''") + "'\n"
+    entries = [
+        ("usr", 0o040755, b"", (0, 0), 2),
+        ("usr/local", 0o040755, b"", (0, 0), 2),
+        ("usr/local/bin", 0o040755, b"", (0, 0), 2),
+        ("usr/local/bin/memio", 0o100755, memio, (0, 0), 1),
+        ("vmm", 0o040755, b"", (0, 0), 2),
+        ("vmm/args", 0o100644, args.encode(), (0, 0), 1),
+    ]
+    extra = b"".join(bootbench.cpio_record(1000 + i, *e) for i, e in enumerate(entries))
+    extra += bootbench.cpio_record(0, "TRAILER!!!", 0)
+    path = os.path.join(stage, "qemu-initramfs.cpio")
+    with open(a.initrd, "rb") as src, open(path, "wb") as dst:
+        base = src.read()
+        dst.write(base + b"\0" * (-len(base) % 4) + extra)
+    return path
+
+
+def measure_qemu(a, stage):
+    """Returns (records, seconds, guest clock, None) or (records or None, seconds, guest clock,
+    what went wrong)."""
+    if shutil.which(a.qemu) is None:
+        return None, 0, None, f"QEMU binary '{a.qemu}' not found"
+    pmem = os.path.join(stage, "qemu-cxl-pmem.raw")
+    lsa = os.path.join(stage, "qemu-cxl-lsa.raw")
+    for p, size in ((pmem, 256 << 20), (lsa, 128 << 10)):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    files = {n: os.path.join(stage, f"qemu-{n}") for n in ("console", "stdout", "stderr")}
+    argv = [
+        a.qemu, "-accel", "kvm", "-cpu", "host,hypervisor=off", "-smp", "1", "-m", "1G",
+        "-M", "q35,cxl=on", "-nodefaults", "-no-user-config", "-display", "none",
+        "-no-reboot", "-kernel", a.kernel, "-initrd", qemu_initrd(a, stage),
+        "-append", f"{CMDLINE} {QEMU_CMDLINE_EXTRA}",
+        "-serial", f"file:{files['console']}", "-serial", f"file:{files['stdout']}",
+        "-serial", f"file:{files['stderr']}",
+        # The guest init writes the command's status to port 0x501: QEMU exits with
+        # (status << 1) | 1 there.
+        "-device", "isa-debug-exit,iobase=0x501,iosize=1",
+        "-object", f"memory-backend-file,id=cxl-mem0,share=on,mem-path={pmem},size=256M",
+        "-object", f"memory-backend-file,id=cxl-lsa0,share=on,mem-path={lsa},size=128K",
+        "-device", "pxb-cxl,bus_nr=12,bus=pcie.0,id=cxl.0",
+        "-device", "cxl-rp,port=0,bus=cxl.0,id=rp0,chassis=0,slot=2",
+        "-device", "cxl-type3,bus=rp0,memdev=cxl-mem0,lsa=cxl-lsa0,id=cxl-pmem0,sn=0x1234",
+        "-M", "cxl-fmw.0.targets.0=cxl.0,cxl-fmw.0.size=4G",
+    ]
+    status, _, qerr, secs = run_logged("qemu", argv, a.qemu_timeout)
+    logs = {}
+    for n, p in files.items():
+        try:
+            with open(p, errors="replace") as f:
+                logs[n] = f.read()
+        except OSError:
+            logs[n] = ""
+        with open(os.path.join(LOGS, f"qemu-guest.{n}"), "w") as f:
+            f.write(logs[n])
+    records = parse(logs["stdout"])
+    clock = guest_clock(logs["stdout"])
+    if status is None:
+        why = f"QEMU did not finish within {a.qemu_timeout} s (killed)"
+    elif status != 1:  # (0 << 1) | 1: the guest command exited 0
+        guest = (status >> 1) if status & 1 else None
+        why = (f"QEMU exited with status {status}"
+               + (f" (guest command status {guest})" if guest is not None else ""))
+    else:
+        return records, secs, clock, None
+    tail = "\n".join((logs["stderr"] + qerr).strip().splitlines()[-15:])
+    console = "\n".join(logs["console"].strip().splitlines()[-10:])
+    return (records or None), secs, clock, (f"{why}; guest stderr / QEMU stderr tail:\n{tail}\n"
+                                     f"console tail:\n{console}")
+
+
+def guest_clock(text):
+    m = CLOCK_RE.search(text)
+    return (float(m.group(1)), m.group(2)) if m else None
+
+
+def parse(text):
+    records = []
+    for line in text.splitlines():
+        m = BW_RE.match(line.strip())
+        if m:
+            fields = dict(kv.split("=", 1) for kv in m.group(2).split())
+            fields["label"] = m.group(1)
+            records.append(fields)
+    return records
+
+
+def inner(a):
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        die("/dev/kvm is not usable here")
+    if os.environ.get("VMM_NESTED_HOST", "") not in ("", "0"):
+        bootbench.hold_kvm_static_keys()
+    stage = tempfile.mkdtemp(prefix="cxlbench-")  # tmpfs in the nested host
+    try:
+        # Kernel, initramfs and memio from a RAM-backed copy (the nested host's / is 9p).
+        for attr in ("kernel", "initrd", "memio"):
+            dst = os.path.join(stage, os.path.basename(getattr(a, attr)))
+            shutil.copyfile(getattr(a, attr), dst)
+            shutil.copymode(getattr(a, attr), dst)
+            setattr(a, attr, dst)
+        ours = measure_ours(a, stage) if not a.no_vmm else ([], 0, None)
+        if a.no_qemu:
+            qemu = (None, 0, None, "skipped (--no-qemu)")
+        else:
+            qemu = measure_qemu(a, stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    report(a, ours, qemu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def med(records, label, key):
+    vals = [float(r[key]) for r in records if r["label"] == label]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v):
+    """Four significant digits: QEMU's CXL rates are below 1 MB/s, RAM's in the thousands."""
+    return "-" if v is None else f"{v:.4g}"
+
+
+def paired(records, num, den, key):
+    """Median, min, max over the interleaved runs of num/den, the i-th run of `num` paired with
+    the i-th of `den` (adjacent in time, so slow drift of the machine cancels)."""
+    n = [float(r[key]) for r in records if r["label"] == num]
+    d = [float(r[key]) for r in records if r["label"] == den]
+    ratios = [x / y for x, y in zip(n, d) if y > 0]
+    if not ratios:
+        return None
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def nodes_text(nodes):
+    """memio's `node:pages` list; move_pages reports an error (e.g. -2) for device memory."""
+    if all(n.startswith("-") for n in nodes.split(",")):
+        return "(device memory: no NUMA page)"
+    return "node:pages " + nodes
+
+
+def report(a, ours_run, qemu_run):
+    ours, ours_secs, ours_clock = ours_run
+    qemu, qemu_secs, qemu_clock, why = qemu_run
+    nested = os.environ.get("VMM_NESTED_HOST") == "1"
+    lines = [f"CXL memory vs RAM: sequential write/read bandwidth in the same guest (memio, "
+             f"{a.repeat} interleaved runs x {a.rounds} rounds; MB = 10^6 bytes)"]
+    if nested:
+        lines.append("  NOTE: measured inside ONE nested host (QEMU TCG + kvm-amd) for both "
+                     "VMMs: absolute MB/s")
+        lines.append("        are TCG speeds; only ratios within one guest mean anything.")
+    lines.append(f"  vmm   {a.vmm_label}: --memory=1G --cpus=1 --cxl-precommit, 512 MiB volatile "
+                 "CXL device (node 1)")
+    lines.append(f"  qemu  {bootbench.qemu_version(a.qemu)}: -M q35,cxl=on, cxl-type3 256 MiB "
+                 f"pmem (devdax), -accel kvm -cpu host,hypervisor=off, 1 GiB, 1 vCPU, "
+                 f"'{QEMU_CMDLINE_EXTRA}'")
+    lines.append("  access: vec = memset + vectorised sum; u64 = one 64-bit load/store per word")
+    lines.append("  best = a run's fastest round (interference only ever slows a round down), "
+                 "mean = its total bytes / total time;")
+    lines.append("  both the median over the runs")
+    lines.append("")
+    lines.append(f"{'VMM':5s} {'memory':25s} {'bytes':>10s} {'access':>6s}  {'write MB/s':>16s} "
+                 f"{'read MB/s':>16s} {'1st touch':>9s}  pages")
+    lines.append(f"{'':5s} {'':25s} {'':>10s} {'':>6s}  {'best':>7s} {'mean':>8s} "
+                 f"{'best':>7s} {'mean':>8s}")
+
+    def rows(vmm, records, labels):
+        for label, desc in labels:
+            rs = [r for r in records if r["label"] == label]
+            if not rs:
+                continue
+            part = sum(int(r.get("partial", "0")) for r in rs)
+            sizes = sorted({int(r["bytes"]) for r in rs})
+            size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}+"
+            lines.append(
+                f"{vmm:5s} {desc:25s} {size:>10s} {rs[0]['access']:>6s}  "
+                f"{fmt(med(records, label, 'write_best_mb_s')):>7s} "
+                f"{fmt(med(records, label, 'write_mb_s')):>8s} "
+                f"{fmt(med(records, label, 'read_best_mb_s')):>7s} "
+                f"{fmt(med(records, label, 'read_mb_s')):>8s} "
+                f"{fmt(med(records, label, 'first_touch_mb_s')):>9s}  "
+                f"{nodes_text(rs[0]['nodes'])}"
+                + (f" ({part} passes cut by the time cap)" if part else ""))
+
+    rows("vmm", ours, [("ram", "RAM, anon node 0"), ("cxl-node1", "CXL, anon node 1"),
+                       ("ram-b", "RAM, anon node 0"), ("cxl-devdax", "CXL, /dev/dax0.0"),
+                       ("ram-u64", "RAM, anon node 0"), ("cxl-devdax-u64", "CXL, /dev/dax0.0")])
+    if qemu:
+        rows("qemu", qemu, [("ram", "RAM, anon"), ("ram-u64", "RAM, anon"),
+                            ("cxl-devdax-u64", "CXL pmem, /dev/dax0.0")])
+    lines.append("")
+    lines.append("ratios CXL/RAM: median (min-max) over the interleaved runs of the per-run best "
+                 "rates")
+    results = {}
+
+    def ratio_line(name, records, num, den, goal=False):
+        w = paired(records, num, den, "write_best_mb_s")
+        r = paired(records, num, den, "read_best_mb_s")
+        results[name] = {"write": w, "read": r}
+        verdict = ""
+        if goal and w and r:
+            verdict = "  goal >= 0.9: " + ("met" if min(w[0], r[0]) >= 0.9 else "NOT MET")
+        lines.append(f"ratio {name:36s} write {fmt_p(w)}  read {fmt_p(r)}{verdict}")
+
+    ratio_line("ours CXL/RAM (node 1 / node 0, vec)", ours, "cxl-node1", "ram", goal=True)
+    ratio_line("ours CXL/RAM (devdax / node 0, vec)", ours, "cxl-devdax", "ram-b", goal=True)
+    ratio_line("ours CXL/RAM (devdax / node 0, u64)", ours, "cxl-devdax-u64", "ram-u64")
+    if qemu and med(qemu, "cxl-devdax-u64", "write_best_mb_s"):
+        ratio_line("QEMU CXL/RAM (devdax / anon, u64)", qemu, "cxl-devdax-u64", "ram-u64")
+        lines.append(f"  QEMU's CXL window is emulated MMIO (every access exits to QEMU): its CXL "
+                     f"runs have {a.qemu_rounds} round(s),")
+        lines.append(f"  passes of at most {a.qemu_size},")
+        lines[-1] += (f" each capped at ~{a.qemu_max_secs:g} s ('bytes' = what the first "
+                      "pass reached; the later ones cover the same).")
+        for key, what in (("write_best_mb_s", "write"), ("read_best_mb_s", "read")):
+            o, q = med(ours, "cxl-devdax-u64", key), med(qemu, "cxl-devdax-u64", key)
+            if o and q:
+                lines.append(f"  ours CXL / QEMU CXL (devdax, u64, {what}): {o / q:.0f}x")
+        rv, rq = med(ours, "ram", "read_best_mb_s"), med(qemu, "ram", "read_best_mb_s")
+        wv, wq = med(ours, "ram", "write_best_mb_s"), med(qemu, "ram", "write_best_mb_s")
+        if rv and rq and wv and wq:
+            lines.append(f"  sanity: RAM in QEMU's guest / in ours: write {wq / wv:.2f}, read "
+                         f"{rq / rv:.2f} (~1: the two guests run at comparable speed)")
+    else:
+        results["QEMU CXL/RAM (devdax / anon, u64)"] = None
+        lines.append(f"ratio QEMU CXL/RAM: not measured: {why}")
+    if why and qemu:
+        lines.append(f"  NOTE: QEMU's run did not end cleanly: {why}")
+    lines.append("")
+    for name, clock, secs in (("our", ours_clock, ours_secs), ("QEMU's", qemu_clock, qemu_secs)):
+        if clock:
+            lines.append(f"{name} guest: {secs:.0f} s wall time (launch to exit), guest clock "
+                         f"{clock[0]:.0f} s at the end ({clock[1]})")
+    lines.append(f"logs in {LOGS}/")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    os.makedirs(WORK, exist_ok=True)
+    with open(os.path.join(WORK, "cxl-bandwidth-results.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(WORK, "cxl-bandwidth-results.json"), "w") as f:
+        json.dump({"nested": nested, "ratios": results, "vmm": ours, "qemu": qemu,
+                   "qemu_problem": why, "args": vars(a)}, f, indent=1)
+
+
+def fmt_p(p):
+    if p is None:
+        return f"{'-':>17s}"
+    return f"{fmt_r(p[0])} ({fmt_r(p[1])}-{fmt_r(p[2])})".strip().rjust(17)
+
+
+def fmt_r(v):
+    if v is None:
+        return "  -  "
+    return f"{v:5.2f}" if v >= 0.01 else f"{v:.1e}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_memio():
+    os.makedirs(WORK, exist_ok=True)
+    out = os.path.join(WORK, "memio")
+    rustc = os.environ.get("RUSTC", "rustc")
+    res = subprocess.run([rustc, "--edition", "2024", "-O", "-C", "target-feature=+crt-static",
+                          MEMIO_SRC, "-o", out + ".tmp"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    if res.returncode != 0:
+        die(f"building memio failed:\n{res.stdout}")
+    os.replace(out + ".tmp", out)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(
+        prog="bench/cxl-bandwidth.sh",
+        description="CXL Type 3 memory vs RAM: sequential write/read bandwidth in the same "
+                    "guest, our VMM and QEMU's cxl-type3.")
+    p.add_argument("--size", default="256M", help="bytes per memio pass (default 256M)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per memio run (default 3)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="interleaved RAM/CXL memio runs per kind (default 5)")
+    p.add_argument("--qemu-size", default="1M",
+                   help="bytes per pass on QEMU's CXL memory (default 1M)")
+    p.add_argument("--qemu-rounds", type=int, default=1,
+                   help="timed rounds per run on QEMU's CXL memory (default 1)")
+    p.add_argument("--qemu-max-secs", type=float, default=10,
+                   help="time cap per pass on QEMU's CXL memory, seconds (default 10)")
+    p.add_argument("--no-qemu", action="store_true", help="measure our VMM only")
+    p.add_argument("--no-vmm", action="store_true", help="measure QEMU only")
+    p.add_argument("--qemu-guest-script", default=None,
+                   help="diagnostics: run this shell script in QEMU's guest instead (its "
+                        "stdout/stderr land in target/bench/cxl-logs/qemu-guest.*)")
+    p.add_argument("--timeout", type=int, default=1800, help="our guest's --timeout (s)")
+    p.add_argument("--qemu-timeout", type=int, default=2400, help="QEMU's run, seconds")
+    p.add_argument("--host", choices=("auto", "direct", "nested"), default="auto",
+                   help="run on this /dev/kvm or inside the nested host (auto: nested when "
+                        "/sys/module/kvm_pvm exists or /dev/kvm is unusable)")
+    p.add_argument("--host-memory", default="4G", help="memory of the nested host (default 4G)")
+    p.add_argument("--vmm", default=os.path.join(REPO, "target", "debug", "vmm"),
+                   help="our VMM binary (default target/debug/vmm)")
+    p.add_argument("--qemu", default=os.environ.get("VMM_QEMU", "qemu-system-x86_64"))
+    p.add_argument("--profile", default="7.2", help="guest image profile (default 7.2)")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kernel", help=argparse.SUPPRESS)
+    p.add_argument("--initrd", help=argparse.SUPPRESS)
+    p.add_argument("--memio", help=argparse.SUPPRESS)
+    p.add_argument("--vmm-label", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    for s in (a.size, a.qemu_size):
+        size_bytes(s)
+    if min(a.rounds, a.repeat, a.qemu_rounds) < 1:
+        die("--rounds, --repeat and --qemu-rounds must be at least 1")
+    a.vmm = os.path.abspath(a.vmm)
+    if not os.access(a.vmm, os.X_OK):
+        die(f"our VMM binary {a.vmm} is missing: build it (cargo build) or pass --vmm")
+    if a.inner:
+        a.vmm_label = a.vmm_label or a.vmm
+        inner(a)
+        return 0
+
+    memio = build_memio()
+    kernel, _, initrd = bootbench.pinned_images(a.vmm, a.profile)
+    os.makedirs(WORK, exist_ok=True)
+    shutil.rmtree(LOGS, ignore_errors=True)
+    # A private copy of our binary: a concurrent `cargo build` must not swap it mid-run.
+    snapshot = os.path.join(WORK, "vmm-cxl")
+    shutil.copy2(a.vmm, snapshot + ".tmp")
+    os.replace(snapshot + ".tmp", snapshot)
+    argv = [os.path.abspath(__file__), "--inner", "--kernel", kernel, "--initrd", initrd,
+            "--memio", memio, "--vmm", snapshot, "--vmm-label", a.vmm, "--qemu", a.qemu,
+            "--size", a.size, "--rounds", str(a.rounds), "--repeat", str(a.repeat),
+            "--qemu-size", a.qemu_size, "--qemu-max-secs", str(a.qemu_max_secs),
+            "--qemu-rounds", str(a.qemu_rounds),
+            "--timeout", str(a.timeout), "--qemu-timeout", str(a.qemu_timeout)]
+    if a.no_qemu:
+        argv.append("--no-qemu")
+    if a.no_vmm:
+        argv.append("--no-vmm")
+    if a.qemu_guest_script:
+        argv += ["--qemu-guest-script", os.path.abspath(a.qemu_guest_script)]
+    nested = a.host == "nested" or (a.host == "auto" and bootbench.needs_nested())
+    if not nested:
+        os.execv(sys.executable, [sys.executable] + argv)
+    note("this /dev/kvm cannot run a stock guest (nested PVM): measuring both VMMs inside ONE "
+         "nested host (QEMU TCG + kvm-amd); only ratios are meaningful")
+    env = dict(os.environ)
+    env.setdefault("VMM_HOST_TCG_THREAD", "multi")
+    res = subprocess.run([snapshot, "host", "--memory", a.host_memory, "--", sys.executable]
+                         + argv, cwd=REPO, env=env)
+    if res.returncode != 0:
+        die(f"the measurement inside the nested host failed (status {res.returncode})",
+            res.returncode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
