@@ -277,12 +277,32 @@ def parse(text):
     return records
 
 
+def ram_dir():
+    """A tmpfs directory for the backing files, kernel and initramfs (the nested host's /tmp is
+    the outer machine's, over 9p); (path, None) or (fallback, a warning for the report)."""
+    mounts = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3:
+                mounts[fields[1]] = fields[2]
+    for d in ("/dev/shm", "/tmp", "/run/shm"):
+        if mounts.get(d) == "tmpfs" and os.access(d, os.W_OK):
+            return d, None
+    return None, (f"no writable tmpfs found (tried /dev/shm, /tmp, /run/shm): backing files "
+                  f"are in {tempfile.gettempdir()}, whose write-back costs may show in the CXL "
+                  "figures")
+
+
 def inner(a):
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         die("/dev/kvm is not usable here")
     if os.environ.get("VMM_NESTED_HOST", "") not in ("", "0"):
         bootbench.hold_kvm_static_keys()
-    stage = tempfile.mkdtemp(prefix="cxlbench-")  # tmpfs in the nested host
+    stage_dir, stage_note = ram_dir()
+    stage = tempfile.mkdtemp(prefix="cxlbench-", dir=stage_dir)
+    a.stage_note = stage_note
+    a.stage = os.path.dirname(stage)
     try:
         # Kernel, initramfs and memio from a RAM-backed copy (the nested host's / is 9p).
         for attr in ("kernel", "initrd", "memio"):
@@ -343,10 +363,13 @@ def report(a, ours_run, qemu_run):
                      "VMMs: absolute MB/s")
         lines.append("        are TCG speeds; only ratios within one guest mean anything.")
     lines.append(f"  vmm   {a.vmm_label}: --memory=1G --cpus=1 --cxl-precommit, 512 MiB volatile "
-                 "CXL device (node 1), backing file on tmpfs")
+                 f"CXL device (node 1), backing file in {a.stage} "
+                 f"({'tmpfs' if not a.stage_note else 'NOT tmpfs'})")
     lines.append(f"  qemu  {bootbench.qemu_version(a.qemu)}: -M q35,cxl=on, cxl-type3 256 MiB "
                  f"pmem (devdax), -accel kvm -cpu host,hypervisor=off, 1 GiB, 1 vCPU, "
                  f"'{QEMU_CMDLINE_EXTRA}'")
+    if getattr(a, "stage_note", None):
+        lines.append(f"  WARNING: {a.stage_note}")
     lines.append("  access: vec = memset + vectorised sum; u64 = one 64-bit load/store per word")
     lines.append("  best = a run's fastest round (interference only ever slows a round down), "
                  "mean = its total bytes / total time;")

@@ -7,7 +7,8 @@
 #                               [--qemu-max-secs 10] [--no-qemu] [--help for the rest]
 #   Needs target/debug/vmm (cargo build -p vmm), rustc (memio is built statically once into
 #   target/bench/memio), qemu-system-x86_64. Where /dev/kvm cannot run a stock guest, both VMMs
-#   run inside ONE nested host (bench/boot.sh does the same); that takes ~10-20 minutes.
+#   run inside ONE nested host (bench/boot.sh does the same); about 5 minutes here. Backing
+#   files go to a tmpfs (/dev/shm; the nested host's /tmp is the outer one, over 9p).
 #
 # Prints one row per measured memory (median write/read MB/s, MB = 10^6 bytes, first-touch
 # rate, the NUMA node of its pages), then the ratios:
