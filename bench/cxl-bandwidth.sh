@@ -10,8 +10,9 @@
 #   run inside ONE nested host (bench/boot.sh does the same); about 5 minutes here. Backing
 #   files go to a tmpfs (/dev/shm; the nested host's /tmp is the outer one, over 9p).
 #
-# Prints one row per measured memory (median write/read MB/s, MB = 10^6 bytes, first-touch
-# rate, the NUMA node of its pages), then the ratios:
+# Prints one row per measured memory (write/read MB/s, MB = 10^6 bytes: a run's best round and
+# its mean, each the median over the runs; the first-touch rate; the NUMA node of its pages),
+# then the ratios CXL/RAM, medians (min-max) of the per-run best rates of adjacent runs:
 #   ratio ours CXL/RAM (node 1 / node 0)       the CXL RAM region (NUMA node 1) vs node 0 RAM;
 #                                              goal >= 0.9
 #   ratio ours CXL/RAM (devdax / node 0)       the same region as /dev/dax0.0
