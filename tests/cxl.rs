@@ -265,9 +265,9 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
     // mapping and reads it back in the guest. After power-off the backing file must hold that
     // pattern at the DPA the region maps (the volatile partition is file offset 0..).
     //
-    // memhp_default_state=offline: kmem would otherwise online the blocks into ZONE_NORMAL,
-    // where the kernel soon places unmovable allocations and daxctl cannot offline them again
-    // ("Failed to offline .../memory2048/state: Device or resource busy").
+    // With the VMM's defaults: it onlines CXL memory movable (memhp_default_state), so daxctl
+    // can offline it again (in ZONE_NORMAL it fails: "Failed to offline
+    // .../memory2048/state: Device or resource busy").
     const SEED: u64 = 0xC0FF_EE0D_DBA1_1000;
     let img = scratch("devdax.img");
     let memio = common::guest_tool("memio");
@@ -292,7 +292,6 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
         TIMEOUT.to_string(),
         "--memory=1G".to_string(),
         "--cxl-precommit".to_string(),
-        "--cmdline=memhp_default_state=offline".to_string(),
         format!(
             "--cxl-type3=volatile=256M,persistent=0,backing={}",
             img.display()

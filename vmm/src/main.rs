@@ -346,6 +346,12 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         &guest_files,
     )?;
     let mut cmdline = BASE_CMDLINE.to_string();
+    if !cxl_devices.is_empty() {
+        // CXL RAM regions come up as hot-plugged memory (kmem). Online it movable, as CXL
+        // platforms do, so it holds no unmovable kernel data and `daxctl reconfigure-device
+        // --mode=devdax` can take it offline again. `--cmdline` can override it.
+        cmdline.push_str(" memhp_default_state=online_movable");
+    }
     if !args.cmdline.trim().is_empty() {
         cmdline.push(' ');
         cmdline.push_str(args.cmdline.trim());
