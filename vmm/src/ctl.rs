@@ -56,7 +56,7 @@ struct MediaEventArgs {
     #[arg(long, default_value = "cxl0")]
     device: String,
     /// Device physical address (64-byte aligned).
-    #[arg(long, value_parser = number)]
+    #[arg(long, visible_alias = "address", value_parser = number)]
     dpa: u64,
     /// Event log.
     #[arg(long, value_enum, default_value = "failure")]
@@ -113,10 +113,10 @@ struct PoisonRangeArgs {
     #[arg(long, default_value = "cxl0")]
     device: String,
     /// First DPA (64-byte aligned).
-    #[arg(long, visible_alias = "start", value_parser = number)]
+    #[arg(long, visible_aliases = ["start", "address"], value_parser = number)]
     dpa: u64,
     /// Length in bytes (multiple of 64).
-    #[arg(long, value_parser = number, default_value = "64")]
+    #[arg(long, visible_alias = "len", value_parser = number, default_value = "64")]
     length: u64,
 }
 
@@ -131,7 +131,7 @@ enum CtlRequest {
     /// List the VM's CXL devices.
     Devices,
     /// Report a CXL device's state: poison list, event logs, health.
-    #[command(visible_alias = "cxl-state")]
+    #[command(visible_aliases = ["cxl-state", "status", "info"])]
     State {
         #[arg(long, default_value = "cxl0")]
         device: String,
@@ -143,7 +143,7 @@ enum CtlRequest {
     #[command(visible_aliases = ["cxl-clear-poison", "poison-clear"])]
     ClearPoison(PoisonRangeArgs),
     /// Add a General Media event record, like QMP cxl-inject-general-media-event.
-    #[command(visible_aliases = ["cxl-inject-general-media-event", "inject-general-media-event"])]
+    #[command(visible_aliases = ["cxl-inject-general-media-event", "inject-general-media-event", "inject-media-event"])]
     InjectGeneralMedia {
         #[command(flatten)]
         event: MediaEventArgs,
