@@ -194,16 +194,22 @@ fn poison_injected_through_the_mailbox_is_listed_and_traced() {
 fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
     // Linux refuses to commit a region inside a VM (cpu_cache_has_invalidate_memregion() is
     // false with the hypervisor CPUID bit); with --cpuid-no-hypervisor it commits the HDM
-    // decoders itself, the VMM maps the range, and the pmem region carries a DAX file system.
+    // decoders itself, the VMM maps the ranges: a RAM region becomes System RAM on node 1 and a
+    // pmem region on the same device carries a DAX file system.
     let img = scratch("kernel-commit.img");
     let script = r#"
         set -e
+        cxl create-region -t ram -d decoder0.0 -m mem0 -s 256M
+        numactl -H | grep "node 1 size"
+        numactl --membind=1 memhog -r1 128M >/dev/null
+        echo "ram-region-touched"
         cxl create-region -t pmem -d decoder0.0 -m mem0 -s 256M
-        ndctl create-namespace -m fsdax >/dev/null
-        mkfs.ext4 -q -F -b 4096 /dev/pmem0
+        ns=$(ndctl create-namespace -m fsdax)
+        pmem=$(echo "$ns" | sed -n 's/.*"blockdev":"\([^"]*\)".*/\1/p')
+        mkfs.ext4 -q -F -b 4096 /dev/$pmem
         mkdir -p /mnt/p
-        mount -o dax /dev/pmem0 /mnt/p
-        grep pmem0 /proc/mounts
+        mount -o dax /dev/$pmem /mnt/p
+        grep $pmem /proc/mounts
         echo written > /mnt/p/file
         cat /mnt/p/file
     "#;
@@ -213,7 +219,7 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
         "--memory=1G".to_string(),
         "--cpuid-no-hypervisor".to_string(),
         format!(
-            "--cxl-type3=volatile=0,persistent=256M,backing={}",
+            "--cxl-type3=volatile=256M,persistent=256M,backing={}",
             img.display()
         ),
         "--".to_string(),
@@ -223,10 +229,18 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
     ]);
     run.expect_status(0);
     assert!(
-        run.stdout.contains("\"decode_state\":\"commit\""),
+        run.stdout.contains("\"type\":\"ram\"") && run.stdout.contains("\"type\":\"pmem\""),
         "{}",
         run.stdout
     );
+    assert_eq!(
+        run.stdout.matches("\"decode_state\":\"commit\"").count(),
+        2,
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("node 1 size: 256 MB"), "{}", run.stdout);
+    assert!(run.stdout.contains("ram-region-touched"), "{}", run.stdout);
     assert!(run.stdout.contains("dax=always"), "{}", run.stdout);
     assert!(run.stdout.contains("written"), "{}", run.stdout);
 }
