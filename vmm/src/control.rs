@@ -918,6 +918,49 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_request_lines_get_an_answer_never_a_panic() {
+        let t = target();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces = [
+            "{",
+            "}",
+            "\"command\"",
+            ":",
+            ",",
+            "\"cxl-inject-poison\"",
+            "\"device\"",
+            "\"cxl0\"",
+            "\"dpa\"",
+            "\"length\"",
+            "18446744073709551615",
+            "-1",
+            "64",
+            "null",
+            "[",
+            "]",
+            "\"log\"",
+            "\"fatal\"",
+            "\"cxl-inject-dram-event\"",
+            "1e99",
+            "\"\\u0000\"",
+        ];
+        for _ in 0..20_000 {
+            let n = next() % 16;
+            let line: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            let answer: Value = serde_json::from_str(&t.handle_line(&line)).unwrap();
+            assert!(answer["ok"].is_boolean(), "{line} -> {answer}");
+        }
+    }
+
+    #[test]
     fn socket_serves_requests_and_refuses_to_replace_other_files() {
         let dir = std::env::temp_dir().join(format!("vmm-ctl-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
