@@ -133,6 +133,7 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
         "run".into(),
         "--timeout=900".into(),
         format!("--control={}", sock.display()),
+        "--cxl-precommit".into(),
         format!(
             "--cxl-type3=volatile=256M,persistent=0,backing={}",
             img.display()
@@ -155,8 +156,13 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
             "--length=256",
         ],
     );
-    let state = ctl_ok(&sock, &["state", "--device=cxl0"]);
-    assert!(state.contains("\"dpa\": 262144"), "{state}");
+    let state: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&sock, &["state", "--device=cxl0"])).unwrap();
+    assert_eq!(state["poison"][0]["dpa"], 0x40000, "{state}");
+    // The firmware-committed endpoint decoder: the whole device at the window base.
+    assert_eq!(state["hdm_decoders"][0]["hpa"], 0x40_0000_0000u64, "{state}");
+    assert_eq!(state["hdm_decoders"][0]["size"], 256u64 << 20, "{state}");
+    assert_eq!(state["hdm_decoders"][0]["partition"], "volatile", "{state}");
     guest.wait_for("phase:poison-listed");
 
     ctl_ok(

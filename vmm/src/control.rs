@@ -81,6 +81,44 @@ pub struct ControlDevice {
     pub id: String,
     /// Its mailbox command set and state (poison list, event logs, health).
     pub memdev: SharedMemdev,
+    /// Its register model, for the committed HDM decoders (absent in unit tests).
+    pub function: Option<Arc<Mutex<devices::cxl::CxlType3Device>>>,
+}
+
+/// The endpoint's committed HDM decoders as JSON (`cxl-state`'s `hdm_decoders`).
+fn decoders_json(function: &Option<Arc<Mutex<devices::cxl::CxlType3Device>>>) -> Value {
+    let Some(function) = function else {
+        return Value::Array(Vec::new());
+    };
+    let committed = function
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .component()
+        .hdm()
+        .map(|h| h.committed())
+        .unwrap_or_default();
+    Value::Array(
+        committed
+            .iter()
+            .map(|r| {
+                let mut v = json!({
+                    "decoder": r.decoder_index,
+                    "hpa": r.hpa_base,
+                    "size": r.size,
+                });
+                if let devices::cxl::DecodeTarget::Memory {
+                    dpa_base,
+                    partition,
+                    ..
+                } = r.target
+                {
+                    v["dpa"] = json!(dpa_base);
+                    v["partition"] = json!(format!("{partition:?}").to_lowercase());
+                }
+                v
+            })
+            .collect(),
+    )
 }
 
 /// Everything requests can act on.
@@ -271,8 +309,11 @@ impl ControlTarget {
                     .collect(),
             )),
             Request::CxlState(a) => {
-                let report = self.device(&a.device)?.memdev.lock().state_report();
-                Ok(report_json(&report))
+                let dev = self.device(&a.device)?;
+                let report = dev.memdev.lock().state_report();
+                let mut state = report_json(&report);
+                state["hdm_decoders"] = decoders_json(&dev.function);
+                Ok(state)
             }
             Request::CxlInjectPoison(a) => {
                 self.on_device(&a.device, |md| md.inject_poison(a.dpa, a.length))?;
@@ -814,6 +855,7 @@ mod tests {
             devices: vec![ControlDevice {
                 id: "cxl0".into(),
                 memdev: SharedMemdev::new(memdev),
+                function: None,
             }],
         }
     }
@@ -834,6 +876,7 @@ mod tests {
         assert_eq!(s["result"]["poison"][0]["dpa"], 4096);
         assert_eq!(s["result"]["poison"][0]["length"], 128);
         assert_eq!(s["result"]["poison"][0]["source"], "internal");
+        assert_eq!(s["result"]["hdm_decoders"], json!([]));
         // The guest's name for the first device works too.
         let s = ask(&t, r#"{"command":"cxl-state","device":"mem0"}"#);
         assert_eq!(s["result"]["id"], "cxl0");

@@ -457,6 +457,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
                 .map(|d| crate::control::ControlDevice {
                     id: d.spec.id.clone(),
                     memdev: d.memdev.clone(),
+                    function: Some(d.device.clone()),
                 })
                 .collect(),
         };
