@@ -160,7 +160,10 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
         serde_json::from_str(&ctl_ok(&sock, &["state", "--device=cxl0"])).unwrap();
     assert_eq!(state["poison"][0]["dpa"], 0x40000, "{state}");
     // The firmware-committed endpoint decoder: the whole device at the window base.
-    assert_eq!(state["hdm_decoders"][0]["hpa"], 0x40_0000_0000u64, "{state}");
+    assert_eq!(
+        state["hdm_decoders"][0]["hpa"], 0x40_0000_0000u64,
+        "{state}"
+    );
     assert_eq!(state["hdm_decoders"][0]["size"], 256u64 << 20, "{state}");
     assert_eq!(state["hdm_decoders"][0]["partition"], "volatile", "{state}");
     guest.wait_for("phase:poison-listed");
