@@ -689,10 +689,13 @@ struct RelayShared {
     /// Set once the VMM inside announced itself.
     ready: Mutex<bool>,
     ready_cv: Condvar,
-    /// Answers from inside, in order.
-    answers: Mutex<mpsc::Receiver<String>>,
+    /// Answers from inside, in order, and how many of the next ones belong to requests that
+    /// timed out (they are skipped, so a late answer never goes to the wrong request).
+    answers: Mutex<(mpsc::Receiver<String>, usize)>,
     /// Our end of the serial link (written by one request at a time).
     link: Mutex<std::fs::File>,
+    /// How long a request waits for its answer.
+    answer_wait: Duration,
 }
 
 /// Outside the nested host: listens on the user's control socket and forwards each request
@@ -705,6 +708,14 @@ impl Relay {
     /// Binds `path`; `link` is our end of the socket pair whose other end is the nested host's
     /// control serial port.
     pub fn start(path: &Path, link: OwnedFd) -> Result<Self, ControlError> {
+        Self::start_with_wait(path, link, RELAY_ANSWER_WAIT)
+    }
+
+    fn start_with_wait(
+        path: &Path,
+        link: OwnedFd,
+        answer_wait: Duration,
+    ) -> Result<Self, ControlError> {
         let io_err = |source| ControlError::Io {
             path: path.to_path_buf(),
             source,
@@ -716,8 +727,9 @@ impl Relay {
         let shared = Arc::new(RelayShared {
             ready: Mutex::new(false),
             ready_cv: Condvar::new(),
-            answers: Mutex::new(rx),
+            answers: Mutex::new((rx, 0)),
             link: Mutex::new(link),
+            answer_wait,
         });
         let from_inside = shared.clone();
         thread::Builder::new()
@@ -782,21 +794,29 @@ fn relay_one(shared: &RelayShared, line: &str) -> String {
     }
     // One request in flight at a time: hold the link while waiting for the answer.
     let mut link = shared.link.lock().unwrap_or_else(PoisonError::into_inner);
-    let answers = shared
+    let mut guard = shared
         .answers
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    // Drop answers nobody waited for (a request that timed out earlier).
-    while answers.try_recv().is_ok() {}
+    let (answers, abandoned) = &mut *guard;
     if let Err(e) = link
         .write_all(format!("{compact}\n").as_bytes())
         .and_then(|()| link.flush())
     {
         return fail(&format!("the VM's control link failed: {e}"));
     }
-    match answers.recv_timeout(RELAY_ANSWER_WAIT) {
-        Ok(answer) => answer,
-        Err(_) => fail("the VM did not answer (has it exited?)"),
+    let deadline = Instant::now() + shared.answer_wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match answers.recv_timeout(left) {
+            // The late answer of a request that timed out earlier: not ours.
+            Ok(_) if *abandoned > 0 => *abandoned -= 1,
+            Ok(answer) => return answer,
+            Err(_) => {
+                *abandoned += 1;
+                return fail("the VM did not answer (has it exited?)");
+            }
+        }
     }
 }
 
@@ -1032,6 +1052,46 @@ mod tests {
         assert_eq!(r["result"][0]["volatile_bytes"], 256u64 << 20);
         drop(server);
         assert!(!sock.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_late_answer_never_goes_to_the_next_request() {
+        let dir = std::env::temp_dir().join(format!("vmm-relay-late-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("ctl.sock");
+        let (outer, inner) = UnixStream::pair().unwrap();
+        let _relay =
+            Relay::start_with_wait(&sock, OwnedFd::from(outer), Duration::from_millis(300))
+                .unwrap();
+        // The "VMM inside" answers its first request only after the relay gave up on it.
+        let server = thread::spawn(move || {
+            let mut w = inner.try_clone().unwrap();
+            w.write_all(format!("{READY_LINE}\n").as_bytes()).unwrap();
+            let mut r = BufReader::new(inner);
+            for n in 0..2 {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if n == 0 {
+                    thread::sleep(Duration::from_millis(600));
+                }
+                w.write_all(format!("{{\"ok\":true,\"result\":{n}}}\n").as_bytes())
+                    .unwrap();
+            }
+        });
+        let ask = || {
+            client_request(
+                &sock,
+                &json!({"command":"query-devices"}),
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        };
+        let first = ask();
+        assert_eq!(first["ok"], false, "{first}");
+        let second = ask();
+        assert_eq!(second["result"], 1, "{second}");
+        server.join().unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }
 
