@@ -52,6 +52,8 @@ const SYS_MBIND: i64 = 237; // x86_64
 const SYS_MOVE_PAGES: i64 = 279; // x86_64
 const PAGE: usize = 4096;
 
+// SAFETY: these are the C library's own declarations of mmap/munmap/msync/syscall (x86_64
+// Linux ABI); every call site checks its arguments and results.
 unsafe extern "C" {
     fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64)
     -> *mut c_void;

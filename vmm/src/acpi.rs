@@ -2800,7 +2800,7 @@ mod tests {
     /// Set `IASL` to use another binary. iasl before 20201217 (e.g. bookworm's 20200925) does
     /// not know the CEDT and dumps it raw; the CEDT field checks then are skipped.
     #[test]
-    #[ignore = "needs iasl (acpica-tools); run manually with --ignored"]
+    #[ignore = "needs iasl (acpica-tools); scripts/test.sh installs it and runs this with --ignored"]
     fn iasl_disassembles_tables() {
         let mut cfg = AcpiConfig::new(4, vec![(0, 3 << 30), (1 << 32, 1 << 30)]);
         cfg.irq0_override_gsi = Some(2);
@@ -2950,7 +2950,7 @@ mod tests {
     /// `cargo test -p vmm acpi::tests::acpiexec_runs_cxl_methods -- --ignored --nocapture`
     /// (`IASL`, `ACPIEXEC` select other binaries).
     #[test]
-    #[ignore = "needs iasl and acpiexec (acpica-tools); run manually with --ignored"]
+    #[ignore = "needs iasl and acpiexec (acpica-tools); scripts/test.sh installs them and runs this with --ignored"]
     fn acpiexec_runs_cxl_methods() {
         let t = create_acpi_tables(&cxl_config()).unwrap();
         let dir = std::env::temp_dir().join(format!("acpi-exec-{}", std::process::id()));

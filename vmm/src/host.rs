@@ -37,7 +37,8 @@
 //!   QEMU also gets `PR_SET_PDEATHSIG(SIGKILL)` so it never outlives us.
 //!
 //! Knobs read from the environment: `VMM_CACHE_DIR` (else `$HOME/.cache/vmm`), `VMM_QEMU` (QEMU binary, default `qemu-system-x86_64`) and
-//! `VMM_HOST_VERBOSE=1` (host console on stderr, run directory kept).
+//! `VMM_HOST_VERBOSE=1` (host console on stderr, run directory kept); `vmm run` also reads
+//! `VMM_HOST_CPUS` (the nested host's vCPUs; default: the guest's).
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
