@@ -19,6 +19,14 @@ fn scratch(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// `vmm run --timeout=900 FLAGS... -- sh -c SCRIPT` in a guest.
+fn run_script(flags: &[String], script: &str) -> common::Run {
+    let mut args = vec!["run".to_string(), TIMEOUT.to_string()];
+    args.extend_from_slice(flags);
+    args.extend(["--", "sh", "-c", script].map(String::from));
+    guest(args)
+}
+
 #[test]
 fn cxl_list_shows_two_memdevs_with_their_capacities() {
     let a = scratch("two-a.img");
@@ -69,20 +77,17 @@ fn precommitted_ram_region_is_system_ram_on_its_own_node() {
         fi
         echo "filled"
     "#;
-    let run = guest([
-        "run".to_string(),
-        TIMEOUT.to_string(),
-        "--memory=1G".to_string(),
-        "--cxl-precommit".to_string(),
-        format!(
-            "--cxl-type3=volatile=256M,persistent=0,backing={}",
-            img.display()
-        ),
-        "--".to_string(),
-        "sh".to_string(),
-        "-c".to_string(),
-        script.to_string(),
-    ]);
+    let run = run_script(
+        &[
+            "--memory=1G".to_string(),
+            "--cxl-precommit".to_string(),
+            format!(
+                "--cxl-type3=volatile=256M,persistent=0,backing={}",
+                img.display()
+            ),
+        ],
+        script,
+    );
     run.expect_status(0);
     let out = &run.stdout;
     assert!(out.contains("\"type\":\"ram\""), "{out}");
@@ -100,17 +105,14 @@ fn pmem_fsdax_file_survives_a_vm_restart() {
         img.display()
     );
     let boot = |script: &str| {
-        guest([
-            "run".to_string(),
-            TIMEOUT.to_string(),
-            "--memory=1G".to_string(),
-            "--cxl-precommit".to_string(),
-            device.clone(),
-            "--".to_string(),
-            "sh".to_string(),
-            "-c".to_string(),
-            script.to_string(),
-        ])
+        run_script(
+            &[
+                "--memory=1G".to_string(),
+                "--cxl-precommit".to_string(),
+                device.clone(),
+            ],
+            script,
+        )
     };
     let first = boot(
         r#"
@@ -167,18 +169,13 @@ fn poison_injected_through_the_mailbox_is_listed_and_traced() {
         echo "after-clear"
         cxl list -m mem0 -L -u
     "#;
-    let run = guest([
-        "run".to_string(),
-        TIMEOUT.to_string(),
-        format!(
+    let run = run_script(
+        &[format!(
             "--cxl-type3=volatile=256M,persistent=256M,backing={}",
             img.display()
-        ),
-        "--".to_string(),
-        "sh".to_string(),
-        "-c".to_string(),
-        script.to_string(),
-    ]);
+        )],
+        script,
+    );
     run.expect_status(0);
     let (before, after) = run.stdout.split_once("after-clear").expect("both listings");
     assert!(before.contains("\"offset\":\"0x1000\""), "{before}");
@@ -213,20 +210,17 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
         echo written > /mnt/p/file
         cat /mnt/p/file
     "#;
-    let run = guest([
-        "run".to_string(),
-        TIMEOUT.to_string(),
-        "--memory=1G".to_string(),
-        "--cpuid-no-hypervisor".to_string(),
-        format!(
-            "--cxl-type3=volatile=256M,persistent=256M,backing={}",
-            img.display()
-        ),
-        "--".to_string(),
-        "sh".to_string(),
-        "-c".to_string(),
-        script.to_string(),
-    ]);
+    let run = run_script(
+        &[
+            "--memory=1G".to_string(),
+            "--cpuid-no-hypervisor".to_string(),
+            format!(
+                "--cxl-type3=volatile=256M,persistent=256M,backing={}",
+                img.display()
+            ),
+        ],
+        script,
+    );
     run.expect_status(0);
     assert!(
         run.stdout.contains("\"type\":\"ram\"") && run.stdout.contains("\"type\":\"pmem\""),
@@ -301,21 +295,18 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
         memio check /dev/dax0.0 all {SEED}
         "#
     );
-    let run = guest([
-        "run".to_string(),
-        TIMEOUT.to_string(),
-        "--memory=1G".to_string(),
-        "--cxl-precommit".to_string(),
-        format!(
-            "--cxl-type3=volatile=256M,persistent=0,backing={}",
-            img.display()
-        ),
-        format!("--guest-file={}", memio.display()),
-        "--".to_string(),
-        "sh".to_string(),
-        "-c".to_string(),
-        script,
-    ]);
+    let run = run_script(
+        &[
+            "--memory=1G".to_string(),
+            "--cxl-precommit".to_string(),
+            format!(
+                "--cxl-type3=volatile=256M,persistent=0,backing={}",
+                img.display()
+            ),
+            format!("--guest-file={}", memio.display()),
+        ],
+        &script,
+    );
     run.expect_status(0);
     let out = &run.stdout;
     let (before, after) = out.split_once("after-reconfigure").expect("both listings");
@@ -381,20 +372,17 @@ fn hmat_reports_dram_and_cxl_access_performance_per_node() {
             done
         done
     "#;
-    let run = guest([
-        "run".to_string(),
-        TIMEOUT.to_string(),
-        "--memory=1G".to_string(),
-        "--cxl-precommit".to_string(),
-        format!(
-            "--cxl-type3=volatile=256M,persistent=0,backing={}",
-            img.display()
-        ),
-        "--".to_string(),
-        "sh".to_string(),
-        "-c".to_string(),
-        script.to_string(),
-    ]);
+    let run = run_script(
+        &[
+            "--memory=1G".to_string(),
+            "--cxl-precommit".to_string(),
+            format!(
+                "--cxl-type3=volatile=256M,persistent=0,backing={}",
+                img.display()
+            ),
+        ],
+        script,
+    );
     run.expect_status(0);
     let out = &run.stdout;
     // The kernel took the table: both memory domains attached to the CPUs' domain, no
