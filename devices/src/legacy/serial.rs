@@ -2,6 +2,7 @@
 //! eventfd that the VMM registers as a KVM irqfd.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -19,25 +20,58 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// IER bit 0: received-data-available interrupt enable.
+const IER_RDI: u8 = 0x01;
+/// LCR bit 7: divisor latch access (offsets 0 and 1 are the baud divisor while it is set).
+const LCR_DLAB: u8 = 0x80;
+/// Register offset of IER (with DLAB clear).
+const IER_OFFSET: u64 = 1;
+
+/// How long the received-data interrupt must have stayed enabled before host input is handed to
+/// the guest. Linux's `autoconfig()` probes the UART by writing IER = 0x0f for a few
+/// instructions and then reads RBR while resetting the port (as `serial8250_do_startup` does
+/// again when the tty is opened): input delivered inside that window would be read and thrown
+/// away. Once it has stayed on that long (a tty is open), input flows whenever it is on: the
+/// console turning IER off and back on around each kernel message does not delay it again, and a
+/// later port start-up discards before it enables the interrupt.
+pub const INPUT_SETTLE: Duration = Duration::from_millis(50);
+
 /// A UART whose transmitted bytes go to `W`.
 pub struct SerialPort<W: Write + Send> {
     serial: Serial<EventFdTrigger, NoEvents, W>,
+    /// When the guest last turned the received-data interrupt on (None while it is off).
+    rx_enabled_since: Option<Instant>,
+    /// The interrupt has once stayed enabled for `input_settle`: the driver's probing is over.
+    rx_settled: bool,
+    input_settle: Duration,
 }
 
 impl<W: Write + Send> SerialPort<W> {
     pub fn new(irq: EventFd, out: W) -> Self {
+        Self::with_input_settle(irq, out, INPUT_SETTLE)
+    }
+
+    /// A port that hands host input over once the guest has kept the received-data interrupt
+    /// enabled for `settle` (see [`INPUT_SETTLE`]).
+    pub fn with_input_settle(irq: EventFd, out: W, settle: Duration) -> Self {
         Self {
             serial: Serial::new(EventFdTrigger(irq), out),
+            rx_enabled_since: None,
+            rx_settled: false,
+            input_settle: settle,
         }
     }
 
     /// Queues host input for the guest; returns how many bytes were taken. Input is held back
-    /// (0 taken) until the guest driver has enabled the received-data interrupt: Linux's
-    /// `serial8250_do_startup` clears the FIFOs when the port is opened, so typed-ahead bytes
-    /// queued before that would be lost.
+    /// (0 taken) until the guest driver has enabled the received-data interrupt and kept it on
+    /// for [`INPUT_SETTLE`]: before its tty is open, the driver's probing and port start-up read
+    /// and discard whatever the receive buffer holds, so typed-ahead bytes would be lost.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        const IER_RDI: u8 = 0x01;
-        if self.serial.state().interrupt_enable & IER_RDI == 0 || self.serial.fifo_capacity() == 0 {
+        let Some(since) = self.rx_enabled_since else {
+            return 0;
+        };
+        self.rx_settled |= since.elapsed() >= self.input_settle;
+        if !self.rx_settled || self.serial.fifo_capacity() == 0 {
             return 0;
         }
         match self.serial.enqueue_raw_bytes(bytes) {
@@ -67,8 +101,16 @@ impl<W: Write + Send> BusDevice for SerialPort<W> {
         if data.len() != 1 || offset > 7 {
             return;
         }
+        let ier_write = offset == IER_OFFSET && self.serial.state().line_control & LCR_DLAB == 0;
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
             log::debug!("serial write failed: {e:?}");
+        }
+        if ier_write {
+            if data[0] & IER_RDI == 0 {
+                self.rx_enabled_since = None;
+            } else if self.rx_enabled_since.is_none() {
+                self.rx_enabled_since = Some(Instant::now());
+            }
         }
     }
 }
@@ -78,7 +120,44 @@ mod tests {
     use super::*;
 
     fn port() -> SerialPort<Vec<u8>> {
-        SerialPort::new(EventFd::new(0).unwrap(), Vec::new())
+        SerialPort::with_input_settle(EventFd::new(0).unwrap(), Vec::new(), Duration::ZERO)
+    }
+
+    #[test]
+    fn input_waits_until_receive_interrupts_stay_enabled() {
+        let settle = Duration::from_millis(30);
+        let mut p = SerialPort::with_input_settle(EventFd::new(0).unwrap(), Vec::new(), settle);
+        // autoconfig(): IER = 0x0f for a moment, then restored to 0 — no input meanwhile.
+        p.write(1, &[0x0f]);
+        assert_eq!(p.enqueue_input(b"echo"), 0, "taken during the IER probe");
+        p.write(1, &[0x00]);
+        std::thread::sleep(settle * 2);
+        assert_eq!(p.enqueue_input(b"echo"), 0, "taken with the interrupt off");
+        // With DLAB set, offset 1 is the divisor latch, not IER.
+        p.write(3, &[0x83]);
+        p.write(1, &[0x01]);
+        p.write(3, &[0x03]);
+        std::thread::sleep(settle * 2);
+        assert_eq!(
+            p.enqueue_input(b"echo"),
+            0,
+            "a divisor write counted as IER"
+        );
+        // The tty is opened: the interrupt stays on, input flows once it has settled.
+        p.write(1, &[0x05]);
+        assert_eq!(p.enqueue_input(b"echo"), 0, "taken before the settle time");
+        std::thread::sleep(settle * 2);
+        p.write(1, &[0x07]); // THRI toggled by the driver: still on since the open
+        assert_eq!(p.enqueue_input(b"echo"), 4);
+        // The console masks IER around a message: nothing while off, at once when back on.
+        p.write(1, &[0x00]);
+        assert_eq!(
+            p.enqueue_input(b"more"),
+            0,
+            "taken while the interrupt is off"
+        );
+        p.write(1, &[0x05]);
+        assert_eq!(p.enqueue_input(b"more"), 4);
     }
 
     #[test]
