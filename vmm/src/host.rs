@@ -38,7 +38,7 @@
 //!
 //! Knobs read from the environment: `VMM_CACHE_DIR` (else `$HOME/.cache/vmm`), `VMM_QEMU` (QEMU binary, default `qemu-system-x86_64`) and
 //! `VMM_HOST_VERBOSE=1` (host console on stderr, run directory kept); `vmm run` also reads
-//! `VMM_HOST_CPUS` (the nested host's vCPUs; default: the guest's).
+//! `VMM_HOST_CPUS` (the nested host's vCPUs; default 1, see `DEFAULT_CPUS`).
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -67,8 +67,10 @@ pub const QEMU_ENV: &str = "VMM_QEMU";
 pub const VERBOSE_ENV: &str = "VMM_HOST_VERBOSE";
 /// Default QEMU binary.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
-/// Default vCPUs of the nested host.
-pub const DEFAULT_CPUS: u32 = 2;
+/// Default vCPUs of the nested host: one. Several let QEMU's multi-threaded TCG race the host
+/// kernel's text patching (see [`tcg_accel_option`]), which kills the host now and then; guest
+/// vCPUs are threads inside the host and run on one host CPU too.
+pub const DEFAULT_CPUS: u32 = 1;
 /// Default memory of the nested host: a 4 GiB guest plus the host's own needs.
 pub const DEFAULT_MEMORY_MIB: u64 = 6144;
 

@@ -610,7 +610,7 @@ fn run_nested(
     let opts = host::NestedHostOptions {
         kernel: host_image.bzimage,
         initramfs: host_image.initramfs,
-        cpus: nested_host_cpus(cpus),
+        cpus: nested_host_cpus(),
         memory_mib: (memory >> 20) + 1536,
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
@@ -631,16 +631,18 @@ fn run_nested(
     })
 }
 
-/// vCPUs of the nested host for a guest with `guest_cpus`: `VMM_HOST_CPUS` if set, else as
-/// many as the guest has. A one-CPU host is as fast for a one-vCPU guest here, and it cannot
-/// hit QEMU's multi-threaded TCG race on kernel text patching (a stale int3 seen by another
-/// vCPU kills the host kernel) — the main source of nested-host crashes.
-fn nested_host_cpus(guest_cpus: u32) -> u32 {
+/// vCPUs of the nested host: `VMM_HOST_CPUS` if set, else one, whatever the guest has. With more
+/// than one, QEMU's multi-threaded TCG can let a vCPU run a stale `int3` while the host kernel
+/// patches its text (KVM's APIC static keys flip while guest vCPUs start), which kills the host
+/// kernel mid-run — seen about once in ten two-vCPU runs. Guest vCPUs are threads inside the
+/// host, so a multi-vCPU guest still boots and runs on one host CPU, only slower (2 vCPUs
+/// `nproc`: 19 s vs 14 s).
+fn nested_host_cpus() -> u32 {
     std::env::var("VMM_HOST_CPUS")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(guest_cpus.max(1))
+        .unwrap_or(host::DEFAULT_CPUS)
 }
 
 /// Extra time the nested host gets beyond `--timeout` (its own boot and shutdown) before the
