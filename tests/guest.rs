@@ -14,19 +14,51 @@ const EXIT_TIMEOUT: i32 = 124;
 /// Generous limit so a wedged guest fails the test instead of hanging CI.
 const TIMEOUT: &str = "--timeout=900";
 
+/// Prints the kernel release, then `module-missing NAME` for each module of the image's list
+/// (`/etc/vmm/modules`, loaded by the guest init) that is not loaded.
+const RELEASE_AND_MISSING_MODULES: &str = r#"
+    uname -r
+    while read -r m _; do
+        case "$m" in '' | '#'*) continue ;; esac
+        [ -d "/sys/module/$(echo "$m" | tr - _)" ] || echo "module-missing $m"
+    done </etc/vmm/modules
+"#;
+
 #[test]
 fn uname_prints_the_pinned_kernel_release() {
     let image = default_image();
-    let run = guest(["run", TIMEOUT, "--", "uname", "-r"]);
+    let run = guest([
+        "run",
+        TIMEOUT,
+        "--",
+        "sh",
+        "-c",
+        RELEASE_AND_MISSING_MODULES,
+    ]);
     run.expect_status(0);
     assert_eq!(run.stdout.trim(), image.kernel_release);
 }
 
 #[test]
 fn six_twelve_profile_boots_its_own_kernel() {
-    let run = guest(["run", TIMEOUT, "--profile", "6.12", "--", "uname", "-r"]);
+    let run = guest([
+        "run",
+        TIMEOUT,
+        "--profile",
+        "6.12",
+        "--",
+        "sh",
+        "-c",
+        RELEASE_AND_MISSING_MODULES,
+    ]);
     run.expect_status(0);
-    assert!(run.stdout.trim().starts_with("6.12."), "{}", run.stdout);
+    let mut lines = run.stdout.lines();
+    assert!(
+        lines.next().unwrap_or_default().starts_with("6.12."),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(lines.next(), None, "modules missing: {}", run.stdout);
 }
 
 #[test]
