@@ -633,8 +633,8 @@ fn run_nested(
 
 /// vCPUs of the nested host: `VMM_HOST_CPUS` if set, else one, whatever the guest has. With more
 /// than one, QEMU's multi-threaded TCG can let a vCPU run a stale `int3` while the host kernel
-/// patches its text (KVM's APIC static keys flip while guest vCPUs start), which kills the host
-/// kernel mid-run — seen about once in ten two-vCPU runs. Guest vCPUs are threads inside the
+/// patches its text (static keys flipping as KVM runs guest vCPUs), which kills the host kernel
+/// mid-run — it failed a two-vCPU guest test that way here. Guest vCPUs are threads inside the
 /// host, so a multi-vCPU guest still boots and runs on one host CPU, only slower (2 vCPUs
 /// `nproc`: 19 s vs 14 s).
 fn nested_host_cpus() -> u32 {
