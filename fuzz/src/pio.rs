@@ -262,12 +262,15 @@ impl Harness {
         for port in [COM1, COM2, COM3] {
             let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
             let irq_reader = irq.try_clone().expect("eventfd clone");
-            let uart = Arc::new(Mutex::new(SerialPort::new(
+            // No settle time: host input reaches the receive path as soon as the fuzzed guest
+            // enables the interrupt (the VMM's 50 ms wait would keep it out of every run).
+            let uart = Arc::new(Mutex::new(SerialPort::with_input_settle(
                 irq,
                 Output {
                     bytes: output.clone(),
                     fail: setup.failing_output,
                 },
+                std::time::Duration::ZERO,
             )));
             bus.insert(uart.clone(), u64::from(port), 8)
                 .expect("UART range");
