@@ -19,6 +19,19 @@ fn scratch(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Flags for a 1 GiB guest with one 256 MiB volatile CXL device backed by `img`, its decoders
+/// committed at boot (`--cxl-precommit`).
+fn precommitted_256m_ram(img: &std::path::Path) -> Vec<String> {
+    vec![
+        "--memory=1G".to_string(),
+        "--cxl-precommit".to_string(),
+        format!(
+            "--cxl-type3=volatile=256M,persistent=0,backing={}",
+            img.display()
+        ),
+    ]
+}
+
 /// `vmm run --timeout=900 FLAGS... -- sh -c SCRIPT` in a guest.
 fn run_script(flags: &[String], script: &str) -> common::Run {
     let mut args = vec!["run".to_string(), TIMEOUT.to_string()];
@@ -77,17 +90,7 @@ fn precommitted_ram_region_is_system_ram_on_its_own_node() {
         fi
         echo "filled"
     "#;
-    let run = run_script(
-        &[
-            "--memory=1G".to_string(),
-            "--cxl-precommit".to_string(),
-            format!(
-                "--cxl-type3=volatile=256M,persistent=0,backing={}",
-                img.display()
-            ),
-        ],
-        script,
-    );
+    let run = run_script(&precommitted_256m_ram(&img), script);
     run.expect_status(0);
     let out = &run.stdout;
     assert!(out.contains("\"type\":\"ram\""), "{out}");
@@ -304,14 +307,10 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
     );
     let run = run_script(
         &[
-            "--memory=1G".to_string(),
-            "--cxl-precommit".to_string(),
-            format!(
-                "--cxl-type3=volatile=256M,persistent=0,backing={}",
-                img.display()
-            ),
-            format!("--guest-file={}", memio.display()),
-        ],
+            precommitted_256m_ram(&img),
+            vec![format!("--guest-file={}", memio.display())],
+        ]
+        .concat(),
         &script,
     );
     run.expect_status(0);
@@ -379,17 +378,7 @@ fn hmat_reports_dram_and_cxl_access_performance_per_node() {
             done
         done
     "#;
-    let run = run_script(
-        &[
-            "--memory=1G".to_string(),
-            "--cxl-precommit".to_string(),
-            format!(
-                "--cxl-type3=volatile=256M,persistent=0,backing={}",
-                img.display()
-            ),
-        ],
-        script,
-    );
+    let run = run_script(&precommitted_256m_ram(&img), script);
     run.expect_status(0);
     let out = &run.stdout;
     // The kernel took the table: both memory domains attached to the CPUs' domain, no
