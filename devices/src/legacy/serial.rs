@@ -123,29 +123,45 @@ mod tests {
         SerialPort::with_input_settle(EventFd::new(0).unwrap(), Vec::new(), Duration::ZERO)
     }
 
+    fn port_with_settle(settle: Duration) -> SerialPort<Vec<u8>> {
+        SerialPort::with_input_settle(EventFd::new(0).unwrap(), Vec::new(), settle)
+    }
+
     #[test]
     fn input_waits_until_receive_interrupts_stay_enabled() {
-        let settle = Duration::from_millis(30);
-        let mut p = SerialPort::with_input_settle(EventFd::new(0).unwrap(), Vec::new(), settle);
-        // autoconfig(): IER = 0x0f for a moment, then restored to 0 — no input meanwhile.
-        p.write(1, &[0x0f]);
+        // A settle time no test run reaches: nothing gets through, however IER is set.
+        let mut p = port_with_settle(Duration::from_secs(3600));
+        p.write(1, &[0x0f]); // autoconfig()'s IER probe
         assert_eq!(p.enqueue_input(b"echo"), 0, "taken during the IER probe");
+        p.write(1, &[0x05]); // the tty is opened
+        assert_eq!(p.enqueue_input(b"echo"), 0, "taken before the settle time");
+    }
+
+    #[test]
+    fn only_ier_writes_with_the_receive_interrupt_count() {
+        let mut p = port_with_settle(Duration::ZERO);
+        // autoconfig(): IER = 0x0f for a moment, then restored to 0.
+        p.write(1, &[0x0f]);
         p.write(1, &[0x00]);
-        std::thread::sleep(settle * 2);
         assert_eq!(p.enqueue_input(b"echo"), 0, "taken with the interrupt off");
         // With DLAB set, offset 1 is the divisor latch, not IER.
         p.write(3, &[0x83]);
         p.write(1, &[0x01]);
         p.write(3, &[0x03]);
-        std::thread::sleep(settle * 2);
         assert_eq!(
             p.enqueue_input(b"echo"),
             0,
             "a divisor write counted as IER"
         );
-        // The tty is opened: the interrupt stays on, input flows once it has settled.
         p.write(1, &[0x05]);
-        assert_eq!(p.enqueue_input(b"echo"), 0, "taken before the settle time");
+        assert_eq!(p.enqueue_input(b"echo"), 4);
+    }
+
+    #[test]
+    fn once_settled_input_flows_whenever_the_interrupt_is_on() {
+        let settle = Duration::from_millis(20);
+        let mut p = port_with_settle(settle);
+        p.write(1, &[0x05]);
         std::thread::sleep(settle * 2);
         p.write(1, &[0x07]); // THRI toggled by the driver: still on since the open
         assert_eq!(p.enqueue_input(b"echo"), 4);
@@ -157,7 +173,7 @@ mod tests {
             "taken while the interrupt is off"
         );
         p.write(1, &[0x05]);
-        assert_eq!(p.enqueue_input(b"more"), 4);
+        assert_eq!(p.enqueue_input(b"more"), 4, "held again after settling");
     }
 
     #[test]
