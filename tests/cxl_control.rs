@@ -39,12 +39,18 @@ struct Guest {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// The guest kernel console (`--console-log`), shown when a wait fails.
+    console_log: PathBuf,
 }
 
 impl Guest {
+    /// `vmm run --console-log=<scratch file> ARGS...`.
     fn start(args: &[String]) -> Self {
+        let console_log = scratch("ctl-console.log");
         let mut child = Command::new(VMM)
-            .args(args)
+            .arg(args[0].as_str())
+            .arg(format!("--console-log={}", console_log.display()))
+            .args(&args[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -64,6 +70,7 @@ impl Guest {
             child,
             lines,
             seen: Vec::new(),
+            console_log,
         }
     }
 
@@ -81,9 +88,14 @@ impl Guest {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
+                    let console = std::fs::read_to_string(&self.console_log).unwrap_or_default();
+                    let tail: Vec<&str> = console.lines().rev().take(60).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
                     panic!(
-                        "guest never printed {marker:?}; stdout so far:\n{}",
-                        self.seen.join("\n")
+                        "guest never printed {marker:?}; stdout so far:\n{}\n--- last lines of the guest console ({}):\n{}",
+                        self.seen.join("\n"),
+                        self.console_log.display(),
+                        tail.join("\n")
                     );
                 }
             }
