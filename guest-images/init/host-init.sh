@@ -2,7 +2,7 @@
 # /init of the nested-KVM host initramfs (busybox-static + the host kernel's modules).
 #
 # The outer `vmm host` (vmm/src/host.rs) boots this under QEMU TCG with an emulated AMD SVM CPU,
-# so that kvm-amd gives a real /dev/kvm one level down. Protocol with host.rs (version 1):
+# so that kvm-amd gives a real /dev/kvm one level down. Protocol with host.rs (version 2):
 #
 #   ttyS0         kernel console and this script's diagnostics (logged by the outer process)
 #   ttyS1         batch: the command's stdout if that is a terminal outside;
@@ -18,6 +18,8 @@
 #     error         written here when the host could not be set up: one line
 #     ready         created here when an interactive command's terminal is set up
 #     started       created here just before the command runs (a host crash before it is retried)
+#     stop          created outside to stop the run (Ctrl-C, SIGTERM): the command's session gets
+#                   SIGTERM, then the host reports its status and powers off as usual
 #     stdout/stderr the command's streams that are not terminals outside (relayed by cat)
 #
 # Everything the outer process needs to tell success from failure is in `status`/`error`; the
@@ -97,8 +99,8 @@ mount -t 9p -o "trans=virtio,version=9p2000.L,msize=$MSIZE" vmmrun "$RUN" ||
 run_mounted=1
 [ -f "$RUN/config" ] || fail "run directory has no config"
 . "$RUN/config"
-[ "${VMM_PROTO:-}" = 1 ] ||
-	fail "host initramfs speaks protocol 1, the vmm wrote '${VMM_PROTO:-}': rebuild the host image"
+[ "${VMM_PROTO:-}" = 2 ] ||
+	fail "host initramfs speaks protocol 2, the vmm wrote '${VMM_PROTO:-}': rebuild the host image"
 
 mount -t 9p -o "trans=virtio,version=9p2000.L,cache=mmap,msize=$MSIZE" host "$HOST" ||
 	fail "cannot mount the outer root file system (9p tag host)"
@@ -150,6 +152,29 @@ drain() {
 	stty -F "$1" clocal 2>/dev/null
 }
 
+# Wait for the command started in the background as PID and return its status; meanwhile a
+# watcher turns the outer vmm's stop request ($RUN/stop) into SIGTERM for the command's session.
+# (The command runs in the background only so that the watcher can run beside it: its
+# redirections are its own, given where it starts.)
+wait_command() { # wait_command PID
+	(
+		while kill -0 "$1" 2>/dev/null; do
+			if [ -e "$RUN/stop" ]; then
+				stamp "stop requested: SIGTERM to the command"
+				kill -TERM -"$1" 2>/dev/null || kill -TERM "$1" 2>/dev/null
+				break
+			fi
+			usleep 100000
+		done
+	) </dev/null >/dev/console 2>&1 &
+	watcher=$!
+	wait "$1"
+	cmd_status=$?
+	kill "$watcher" 2>/dev/null
+	wait "$watcher" 2>/dev/null
+	return "$cmd_status"
+}
+
 setup_tty() { # setup_tty DEV raw|sane
 	if [ "$2" = raw ]; then
 		stty -F "$1" raw -echo clocal -crtscts || fail "stty $1 failed"
@@ -178,7 +203,8 @@ if [ "$VMM_MODE" = interactive ]; then
 	fi
 	: >"$RUN/ready" # the outer vmm starts forwarding input now (earlier input would be lost)
 	: >"$RUN/started"
-	setsid -c chroot "$HOST" /bin/sh /run/vmm/cmd.sh <"$tty" >"$tty" 2>"$err" 3<&-
+	setsid -c chroot "$HOST" /bin/sh /run/vmm/cmd.sh <"$tty" >"$tty" 2>"$err" 3<&- &
+	wait_command $!
 	status=$?
 	wait_relays
 	drain "$tty"
@@ -199,7 +225,8 @@ else
 		err=/run/stderr.fifo
 	fi
 	: >"$RUN/started"
-	setsid chroot "$HOST" /bin/sh /run/vmm/cmd.sh </dev/null >"$out" 2>"$err" 3<&- 4<&-
+	setsid chroot "$HOST" /bin/sh /run/vmm/cmd.sh </dev/null >"$out" 2>"$err" 3<&- 4<&- &
+	wait_command $!
 	status=$?
 	wait_relays
 	drain /dev/ttyS1

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
+
+use crate::file_lock::FileLock;
 use devices::cxl::{CommittedRange, DecodeTarget, HdmListener, Partition};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
@@ -96,14 +98,99 @@ impl CxlType3Spec {
     pub fn total(&self) -> u64 {
         self.volatile + self.persistent
     }
+
+    /// The label storage area file, if the device has one: `lsa=PATH`, else `<backing>.lsa`
+    /// when the device has persistent capacity (volatile-only devices need no labels).
+    pub fn lsa_path(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.lsa {
+            return Some(path.clone());
+        }
+        (self.persistent > 0).then(|| {
+            let mut p = self.backing.clone().into_os_string();
+            p.push(".lsa");
+            PathBuf::from(p)
+        })
+    }
+}
+
+/// Opens `path` for reading and writing, creating it (empty) if missing; says whether it existed.
+fn open_or_create(path: &Path) -> std::io::Result<(File, bool)> {
+    let existed = path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    Ok((file, existed))
+}
+
+/// Claims the files every device's media lives in for this run: each backing file and label
+/// storage area is opened (created if missing: the backing file sparse at the device's size, the
+/// LSA zero-filled at [`devices::cxl::lsa::DEFAULT_LSA_SIZE`]) and locked
+/// ([`crate::file_lock`]) *before* anything is written to it, so a second run on the same file
+/// fails at once, naming the file and its holder, without touching it. An existing backing
+/// file of another size is refused untouched. The locks last as long as the returned values.
+pub fn claim_media(specs: &[CxlType3Spec]) -> Result<Vec<FileLock>, String> {
+    use devices::cxl::lsa::DEFAULT_LSA_SIZE;
+    let mut locks = Vec::new();
+    for spec in specs {
+        let shown = spec.backing.display().to_string();
+        let (file, existed) = open_or_create(&spec.backing).map_err(|e| {
+            CxlConfigError::Backing {
+                path: shown.clone(),
+                reason: e.to_string(),
+            }
+            .to_string()
+        })?;
+        let lock = FileLock::exclusive(file, &spec.backing, "CXL backing file")
+            .map_err(|e| e.to_string())?;
+        let actual = lock.file().metadata().map_err(|e| e.to_string())?.len();
+        if !existed && actual == 0 {
+            lock.file()
+                .set_len(spec.total())
+                .map_err(|e| format!("sizing CXL backing file '{shown}': {e}"))?;
+        } else if actual != spec.total() {
+            return Err(CxlConfigError::BackingSize {
+                path: shown,
+                actual,
+                expected: spec.total(),
+            }
+            .to_string());
+        }
+        locks.push(lock);
+        if let Some(lsa) = spec.lsa_path() {
+            let what = "CXL label storage area";
+            let (file, _) = open_or_create(&lsa)
+                .map_err(|e| format!("{}: {what} '{}': {e}", spec.id, lsa.display()))?;
+            let lock = FileLock::exclusive(file, &lsa, what).map_err(|e| e.to_string())?;
+            if lock.file().metadata().map_err(|e| e.to_string())?.len() == 0 {
+                lock.file()
+                    .set_len(DEFAULT_LSA_SIZE as u64)
+                    .and_then(|()| lock.file().sync_all())
+                    .map_err(|e| format!("{}: {what} '{}': {e}", spec.id, lsa.display()))?;
+            }
+            locks.push(lock);
+        }
+    }
+    Ok(locks)
 }
 
 /// The device's memory: the backing file mapped shared, volatile capacity first, then
 /// persistent (DPA order). Guest writes land in the file; persistent capacity survives runs.
+///
+/// Inside the nested host the file is not mapped through 9p: the outer QEMU maps it as an
+/// NVDIMM and this maps that physical range through `/dev/mem` ([`Backing::nested`]), so the
+/// stores land in the outer machine's page cache directly (see `nested_memory`).
 pub struct Backing {
+    /// What is mapped: the backing file, or `/dev/mem` for a nested host's NVDIMM.
     file: File,
+    /// Offset in `file` of DPA 0 (0 for the file itself, the NVDIMM's physical base otherwise).
+    base: u64,
     host: *mut u8,
     len: u64,
+    /// Whether `msync` means anything (a file mapping; not `/dev/mem`).
+    file_backed: bool,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this struct for its whole life; access
@@ -143,30 +230,66 @@ impl Backing {
         if !existed {
             file.set_len(len).map_err(|e| backing_err(e.to_string()))?;
         }
-        // SAFETY: mapping `len` bytes of a file we hold open; the result is checked below.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return Err(backing_err(std::io::Error::last_os_error().to_string()));
-        }
+        let host = map_shared(&file, 0, len).map_err(|e| backing_err(e.to_string()))?;
         Ok(Self {
             file,
-            host: host.cast(),
+            base: 0,
+            host,
             len,
+            file_backed: true,
         })
     }
 
-    /// The backing file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Maps the nested host's NVDIMM in `slot` — the outer machine's backing file `path`, which
+    /// the outer QEMU maps `MAP_SHARED` — through `/dev/mem`. Its length must be `len`.
+    pub fn nested(path: &Path, slot: u32, len: u64) -> Result<Self, CxlConfigError> {
+        let backing_err = |reason: String| CxlConfigError::Backing {
+            path: path.display().to_string(),
+            reason,
+        };
+        let (base, size) = crate::nested_memory::nvdimm_range(slot).map_err(backing_err)?;
+        if size != len {
+            return Err(backing_err(format!(
+                "the nested host's NVDIMM {slot} holding it is {size} bytes, the device needs {len}"
+            )));
+        }
+        // Without O_SYNC /dev/mem maps a range that is not RAM write-back cacheable.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/mem")
+            .map_err(|e| backing_err(format!("/dev/mem: {e}")))?;
+        let host = map_shared(&file, base, len)
+            .map_err(|e| backing_err(format!("mapping NVDIMM {slot} at {base:#x}: {e}")))?;
+        log::info!(
+            "{}: mapped from the nested host's NVDIMM {slot} at {base:#x}+{len:#x}",
+            path.display()
+        );
+        Ok(Self {
+            file,
+            base,
+            host,
+            len,
+            file_backed: false,
+        })
+    }
+
+    /// The mapped file (the backing file or `/dev/mem`) and the offset of DPA 0 in it.
+    pub fn file(&self) -> (&File, u64) {
+        (&self.file, self.base)
+    }
+
+    /// Writes the guest's stores back to the backing file (`msync`); nothing to do for a nested
+    /// host's NVDIMM, whose stores are already in the outer machine's page cache.
+    pub fn flush(&self) -> std::io::Result<()> {
+        if !self.file_backed {
+            return Ok(());
+        }
+        // SAFETY: syncs exactly the live mapping this struct owns.
+        if unsafe { libc::msync(self.host.cast(), self.len as usize, libc::MS_SYNC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Host address of DPA `dpa`, if `[dpa, dpa+size)` lies inside the device.
@@ -178,13 +301,35 @@ impl Backing {
 
 impl Drop for Backing {
     fn drop(&mut self) {
+        let _ = self.flush();
         // SAFETY: unmapping exactly the region mmap gave us; no slot uses it any more (the VM
         // is gone when the device is dropped).
         unsafe {
-            libc::msync(self.host.cast(), self.len as usize, libc::MS_SYNC);
             libc::munmap(self.host.cast(), self.len as usize);
         }
     }
+}
+
+/// `mmap(MAP_SHARED)` of `len` bytes of `file` from `offset`, read-write.
+fn map_shared(file: &File, offset: u64, len: u64) -> std::io::Result<*mut u8> {
+    let (Ok(len), Ok(offset)) = (usize::try_from(len), libc::off_t::try_from(offset)) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: a fresh shared mapping of a descriptor we hold open; the result is checked below.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if host == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(host.cast())
 }
 
 /// KVM memory slot numbers for CXL mappings, above the RAM slots.
@@ -315,13 +460,9 @@ impl HdmListener for MemoryMapper {
                 range.hpa_base, range.size
             ));
         }
-        if let Err(e) = add_dma_region(
-            &self.dma,
-            self.backing.file(),
-            dpa_base,
-            range.hpa_base,
-            range.size,
-        ) {
+        let (file, dpa0) = self.backing.file();
+        if let Err(e) = add_dma_region(&self.dma, file, dpa0 + dpa_base, range.hpa_base, range.size)
+        {
             let _ = self.set_slot(slot, range.hpa_base, 0, 0);
             lock(&self.slots).free.push(slot);
             return Err(format!(
@@ -371,6 +512,24 @@ pub struct CxlTopology {
     pub host_bridge: Arc<Mutex<devices::cxl::CxlHostBridge>>,
     pub devices: Vec<CxlDeviceHandles>,
     pub window: devices::cxl::HpaWindow,
+    /// Every device's memory, for [`CxlTopology::flush`].
+    pub backings: Vec<Arc<Backing>>,
+}
+
+impl CxlTopology {
+    /// Writes every device's memory back to its backing file (at the end of a run, however it
+    /// ended: the guest's stores are in the page cache already; this makes them durable).
+    pub fn flush(&self) {
+        for (backing, dev) in self.backings.iter().zip(&self.devices) {
+            if let Err(e) = backing.flush() {
+                log::warn!(
+                    "{}: flushing '{}': {e}",
+                    dev.spec.id,
+                    dev.spec.backing.display()
+                );
+            }
+        }
+    }
 }
 
 /// What the VMM keeps of one Type 3 device after handing it to the root complex.
@@ -426,8 +585,12 @@ pub fn precommit(topology: &CxlTopology) -> Result<(), String> {
 }
 
 /// Builds the CXL devices, adds them to `platform`, and returns the handles the VMM keeps.
+///
+/// `nested_media` lists the backing files the nested host has as NVDIMMs (path, slot): those are
+/// mapped from there ([`Backing::nested`]) instead of through the 9p file.
 pub fn build_topology(
     specs: &[CxlType3Spec],
+    nested_media: &[(PathBuf, u32)],
     vm: &Arc<VmFd>,
     dma: &DmaMemory,
     msi: &Arc<dyn iommu::MsiSink>,
@@ -451,17 +614,22 @@ pub fn build_topology(
     let slots = Arc::new(Mutex::new(SlotAllocator::new(16, 64)));
     let mut handles = Vec::new();
     let mut ports = Vec::new();
+    let mut backings = Vec::new();
     for (index, spec) in specs.iter().enumerate() {
         let device_number = root_port_device_number(index);
         let port_number = device_number;
-        let backing =
-            Arc::new(Backing::open(&spec.backing, spec.total()).map_err(|e| e.to_string())?);
-        let lsa: Option<Box<dyn LabelStorage>> = if spec.persistent > 0 || spec.lsa.is_some() {
-            let path = spec.lsa.clone().unwrap_or_else(|| {
-                let mut p = spec.backing.clone().into_os_string();
-                p.push(".lsa");
-                PathBuf::from(p)
-            });
+        let nested_slot = nested_media
+            .iter()
+            .find(|(path, _)| *path == spec.backing)
+            .map(|&(_, slot)| slot);
+        let backing = match nested_slot {
+            Some(slot) => Backing::nested(&spec.backing, slot, spec.total()),
+            None => Backing::open(&spec.backing, spec.total()),
+        }
+        .map_err(|e| e.to_string())?;
+        let backing = Arc::new(backing);
+        backings.push(backing.clone());
+        let lsa: Option<Box<dyn LabelStorage>> = if let Some(path) = spec.lsa_path() {
             let storage = if path.exists() {
                 FileLabelStorage::open_existing(&path)
             } else {
@@ -527,6 +695,7 @@ pub fn build_topology(
         host_bridge,
         devices: handles,
         window,
+        backings,
     })
 }
 
@@ -547,7 +716,7 @@ mod tests {
         // Not committed yet: DMA to the window fails.
         assert!(dma.write(hpa + 0x1000, b"early").is_err());
         // Commit the second 256 MiB of the device (DPA 256M) at the window base.
-        add_dma_region(&memory, backing.file(), CXL_GRANULE, hpa, CXL_GRANULE).unwrap();
+        add_dma_region(&memory, backing.file().0, CXL_GRANULE, hpa, CXL_GRANULE).unwrap();
         dma.write(hpa + 0x1000, b"device wrote this").unwrap();
         let mut back = [0u8; 17];
         dma.read(hpa + 0x1000, &mut back).unwrap();

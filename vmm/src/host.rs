@@ -33,7 +33,9 @@
 //! * Exit status: the host writes the command's status (0..255; 128+N if killed by signal N) to
 //!   `status` and powers off. No status (kernel panic, QEMU failure, init failure) is an error
 //!   naming the console log and its last lines.
-//! * SIGINT/SIGTERM/SIGHUP kill QEMU and remove the run directory ([`HostError::Interrupted`]);
+//! * SIGINT/SIGTERM/SIGHUP stop the run: `stop` in the run directory makes the host's `/init`
+//!   send the command SIGTERM, then sync and power off; a second signal, or no shutdown within
+//!   [`STOP_GRACE`], kills QEMU. Either way the run directory goes ([`HostError::Interrupted`]);
 //!   QEMU also gets `PR_SET_PDEATHSIG(SIGKILL)` so it never outlives us.
 //!
 //! Knobs read from the environment: `VMM_CACHE_DIR` (else `$HOME/.cache/vmm`), `VMM_QEMU` (QEMU binary, default `qemu-system-x86_64`) and
@@ -49,8 +51,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -83,7 +85,7 @@ pub const HOST_CPU_MODEL: &str = "EPYC,+svm,+npt,\
 -rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save";
 
 /// Version of the run-directory protocol spoken with `guest-images/init/host-init.sh`.
-const PROTOCOL_VERSION: u32 = 1;
+const PROTOCOL_VERSION: u32 = 2;
 /// Directories the host replaces with its own file systems: invisible from inside.
 const HIDDEN_PREFIXES: &[&str] = &["/run", "/proc", "/sys", "/dev"];
 /// Failed run directories kept for inspection.
@@ -113,6 +115,9 @@ pub struct NestedHostOptions {
     /// QEMU's end of the control link: becomes the host's [`CONTROL_PORT_TTY`] (the VMM inside
     /// serves the control API there; `control::Relay` holds the other end).
     pub control_port: Option<Arc<OwnedFd>>,
+    /// Files handed to the host as NVDIMMs (slot = index), so the command inside can map them
+    /// with its stores landing in this machine's page cache (see `nested_memory`).
+    pub shared_files: Vec<crate::nested_memory::SharedFile>,
 }
 
 /// The nested host's serial port that carries the control API (`vmm run --control`).
@@ -129,6 +134,7 @@ impl Default for NestedHostOptions {
             workdir: PathBuf::from("."),
             interactive: false,
             control_port: None,
+            shared_files: Vec::new(),
         }
     }
 }
@@ -173,11 +179,19 @@ pub enum HostError {
         /// failed: a failure before that is safe to retry, the command never ran.
         command_started: bool,
     },
-    /// We were asked to stop (SIGINT, SIGTERM or SIGHUP); QEMU was killed. Exit with 128+signal.
-    #[error("nested host: interrupted by signal {signal}; QEMU killed")]
+    /// We were asked to stop (SIGINT, SIGTERM or SIGHUP). The command inside was asked to
+    /// stop (SIGTERM) and the host shut down; if that took longer than [`STOP_GRACE`] or a
+    /// second signal came, QEMU was killed. Exit with 128 + signal.
+    #[error("stopped by {}: {}", crate::signals::name(*signal), if *clean {
+        "the command in the nested host stopped and the host shut down"
+    } else {
+        "QEMU killed before the nested host had shut down"
+    })]
     Interrupted {
         /// The signal number.
         signal: i32,
+        /// Whether the host shut down by itself after the stop request.
+        clean: bool,
     },
 }
 
@@ -273,7 +287,8 @@ struct Plan {
 /// How QEMU ended.
 enum Outcome {
     Exited(ExitStatus),
-    Interrupted(i32),
+    /// Stopped on a signal; whether the host shut down by itself.
+    Interrupted(i32, bool),
     Error(HostError),
 }
 
@@ -414,8 +429,11 @@ impl Plan {
         push(HOST_CPU_MODEL);
         push("-smp");
         push(&opts.cpus.to_string());
-        push("-m");
-        push(&format!("{}M", opts.memory_mib));
+        a.extend(crate::nested_memory::qemu_args(
+            opts.memory_mib,
+            &opts.shared_files,
+        ));
+        let mut push = |s: &str| a.push(OsString::from(s));
         let cmdline = if self.verbose {
             "console=ttyS0 panic=-1 mitigations=off"
         } else {
@@ -589,7 +607,7 @@ impl Plan {
         } else {
             None
         };
-        let signals = match SignalWatch::install() {
+        let mut signals = match crate::signals::SignalWatch::install() {
             Ok(s) => s,
             Err(e) => {
                 drop(qemu_fds);
@@ -610,7 +628,7 @@ impl Plan {
                 });
             }
         };
-        let outcome = wait_for(&mut child, &signals);
+        let outcome = wait_for(&mut child, &mut signals, &self.run_dir.join("stop"));
         drop(signals);
         stop_threads(threads);
         outcome
@@ -679,9 +697,10 @@ impl Plan {
                 .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         };
         let result = match outcome {
-            Outcome::Interrupted(signal) => {
+            Outcome::Interrupted(signal, clean) => {
+                let clean = clean && self.run_dir.join("status").exists();
                 let _ = fs::remove_dir_all(&self.run_dir);
-                return Err(HostError::Interrupted { signal });
+                return Err(HostError::Interrupted { signal, clean });
             }
             Outcome::Error(e) => {
                 let _ = fs::remove_dir_all(&self.run_dir);
@@ -769,17 +788,52 @@ impl Plan {
     }
 }
 
-/// Waits for QEMU, killing it on a signal.
-fn wait_for(child: &mut Child, signals: &SignalWatch) -> Result<Outcome, HostError> {
+/// How long the command inside gets to stop (and the host to shut down) after a stop request
+/// before QEMU is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Waits for QEMU. The first stop signal asks the host to stop the command (`stop` in the run
+/// directory: the host's `/init` sends it SIGTERM, then syncs and powers off); a second signal,
+/// or [`STOP_GRACE`] without the host going down, kills QEMU.
+fn wait_for(
+    child: &mut Child,
+    signals: &mut crate::signals::SignalWatch,
+    stop_request: &Path,
+) -> Result<Outcome, HostError> {
+    let mut stopping: Option<(i32, std::time::Instant)> = None;
     loop {
-        if let Some(signal) = signals.caught() {
-            log::debug!("nested host: signal {signal}: killing QEMU");
+        if let Some(signal) = signals.next() {
+            match stopping {
+                None if File::create(stop_request).is_ok() => {
+                    log::info!("nested host: {signal}: asking the command to stop");
+                    stopping = Some((signal, std::time::Instant::now()));
+                }
+                _ => {
+                    log::info!("nested host: signal {signal}: killing QEMU");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let first = stopping.map_or(signal, |(s, _)| s);
+                    return Ok(Outcome::Interrupted(first, false));
+                }
+            }
+        }
+        if let Some((signal, since)) = stopping
+            && since.elapsed() > STOP_GRACE
+        {
+            log::warn!(
+                "nested host: no shutdown {STOP_GRACE:?} after the stop request: killing QEMU"
+            );
             let _ = child.kill();
             let _ = child.wait();
-            return Ok(Outcome::Interrupted(signal));
+            return Ok(Outcome::Interrupted(signal, false));
         }
         match child.try_wait() {
-            Ok(Some(status)) => return Ok(Outcome::Exited(status)),
+            Ok(Some(status)) => {
+                return Ok(match stopping {
+                    Some((signal, _)) => Outcome::Interrupted(signal, true),
+                    None => Outcome::Exited(status),
+                });
+            }
             Ok(None) => std::thread::sleep(POLL_INTERVAL),
             Err(e) => {
                 let _ = child.kill();
@@ -1143,7 +1197,7 @@ fn command_script(
 }
 
 /// Doubles commas, QEMU's escape inside option values.
-fn qemu_escape(s: &OsStr) -> OsString {
+pub fn qemu_escape(s: &OsStr) -> OsString {
     let mut out = Vec::with_capacity(s.len());
     for &b in s.as_bytes() {
         out.push(b);
@@ -1241,80 +1295,6 @@ impl Drop for TermiosGuard {
     fn drop(&mut self) {
         // SAFETY: restores settings previously read from the same descriptor.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
-    }
-}
-
-/// Signals that stop a run.
-const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-/// Signals caught so far (all runs), and the last one.
-static SIGNAL_COUNT: AtomicUsize = AtomicUsize::new(0);
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// Active runs and the handlers to restore when the last one ends.
-static SIGNAL_STATE: Mutex<(usize, Vec<(libc::c_int, libc::sigaction)>)> =
-    Mutex::new((0, Vec::new()));
-
-extern "C" fn on_stop_signal(signal: libc::c_int) {
-    LAST_SIGNAL.store(signal, Ordering::SeqCst);
-    SIGNAL_COUNT.fetch_add(1, Ordering::SeqCst);
-}
-
-/// Catches [`STOP_SIGNALS`] while at least one run is active (shared by concurrent runs).
-struct SignalWatch {
-    seen: usize,
-}
-
-impl SignalWatch {
-    fn install() -> io::Result<Self> {
-        let mut state = SIGNAL_STATE.lock().unwrap_or_else(|e| e.into_inner());
-        if state.0 == 0 {
-            let mut previous = Vec::new();
-            for &sig in &STOP_SIGNALS {
-                // SAFETY: a zeroed sigaction is valid; we fill in the handler and an empty mask.
-                let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-                action.sa_sigaction = on_stop_signal as *const () as libc::sighandler_t;
-                action.sa_flags = libc::SA_RESTART;
-                // SAFETY: sigemptyset initialises the mask inside our own struct.
-                unsafe { libc::sigemptyset(&mut action.sa_mask) };
-                // SAFETY: see above; `old` is a valid struct for the previous action.
-                let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-                // SAFETY: installs an async-signal-safe handler (two atomic operations).
-                if unsafe { libc::sigaction(sig, &action, &mut old) } < 0 {
-                    let err = io::Error::last_os_error();
-                    restore_handlers(&previous);
-                    return Err(err);
-                }
-                previous.push((sig, old));
-            }
-            state.1 = previous;
-        }
-        state.0 += 1;
-        Ok(Self {
-            seen: SIGNAL_COUNT.load(Ordering::SeqCst),
-        })
-    }
-
-    /// The signal caught since this watch started, if any.
-    fn caught(&self) -> Option<i32> {
-        (SIGNAL_COUNT.load(Ordering::SeqCst) != self.seen)
-            .then(|| LAST_SIGNAL.load(Ordering::SeqCst))
-    }
-}
-
-impl Drop for SignalWatch {
-    fn drop(&mut self) {
-        let mut state = SIGNAL_STATE.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 -= 1;
-        if state.0 == 0 {
-            let previous = std::mem::take(&mut state.1);
-            restore_handlers(&previous);
-        }
-    }
-}
-
-fn restore_handlers(previous: &[(libc::c_int, libc::sigaction)]) {
-    for (sig, old) in previous {
-        // SAFETY: reinstalls an action previously returned by sigaction for the same signal.
-        unsafe { libc::sigaction(*sig, old, std::ptr::null_mut()) };
     }
 }
 

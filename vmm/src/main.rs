@@ -12,11 +12,14 @@ mod control;
 mod cpu;
 mod ctl;
 mod cxl;
+mod file_lock;
 mod host;
 mod kvm_probe;
 mod layout;
 mod memory;
+mod nested_memory;
 mod pci;
+mod signals;
 mod vm;
 
 use std::ffi::OsString;
@@ -40,7 +43,9 @@ Exit status of `vmm run -- CMD`: CMD's own status (0-255) when it ran, otherwise
   122  the guest stopped without reporting a status (init died, powered off early)
   123  the guest kernel panicked
   124  --timeout expired
-  125  VMM error (bad arguments, KVM failure, missing kernel, ...)";
+  125  VMM error (bad arguments, KVM failure, missing kernel, a device's file in use, ...)
+  128+N  stopped by signal N (130 SIGINT/Ctrl-C, 143 SIGTERM, 129 SIGHUP): the guest was
+       stopped and its device media flushed first";
 
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "KVM VMM with CXL Type 3, VT-d (PASID/ATS/PRI) and PVRDMA device models", after_help = EXIT_CODES_HELP)]
@@ -164,6 +169,10 @@ struct RunArgs {
     /// Internal (nested host): serve the control API on this serial port.
     #[arg(long, value_name = "TTY", hide = true)]
     control_serial: Option<PathBuf>,
+    /// Internal (nested host): `SLOT:PATH`, the backing file PATH is the nested host's NVDIMM
+    /// in SLOT (the outer QEMU maps the file); map that instead of the file over 9p.
+    #[arg(long = "nested-nvdimm", value_name = "SLOT:PATH", hide = true)]
+    nested_nvdimm: Vec<String>,
     /// Command to run in the guest (after `--`); without it, an interactive console.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -291,6 +300,16 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         )));
     }
 
+    // The devices' media (backing files, label storage areas) are this run's alone: locked
+    // before anything is written to them, for as long as this process lives (under the nested
+    // host, the outer run holds them).
+    let _media_locks = cxl::claim_media(&cxl_devices).map_err(Failure::vmm)?;
+    let nested_media = args
+        .nested_nvdimm
+        .iter()
+        .map(|spec| parse_nested_nvdimm(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+
     // Resolve the default image (this may download and build it, outside any nested host).
     let (kernel, initrd) = match &args.kernel {
         Some(k) => (k.clone(), args.initrd.clone()),
@@ -330,7 +349,7 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         }
     };
     if use_nested {
-        return run_nested(&args, &kernel, initrd.as_ref(), memory, cpus);
+        return run_nested(&args, &cxl_devices, &kernel, initrd.as_ref(), memory, cpus);
     }
     let control = match (&args.control, &args.control_serial) {
         (Some(path), _) => Some(vm::ControlEndpoint::Socket(std::sync::Arc::new(
@@ -376,6 +395,7 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         cxl_precommit: args.cxl_precommit,
         hide_hypervisor: args.cpuid_no_hypervisor,
         control,
+        nested_media,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {
@@ -421,7 +441,26 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
             status: EXIT_TIMEOUT,
         }),
         vm::Outcome::VmmError(msg) => Err(Failure::vmm(msg)),
+        vm::Outcome::Interrupted(signal) => Err(Failure {
+            message: format!(
+                "stopped by {}: guest stopped, device media flushed",
+                signals::name(signal)
+            ),
+            status: signals::exit_status(signal),
+        }),
     }
+}
+
+/// A hidden `--nested-nvdimm SLOT:PATH` (the outer run passes it into the nested host).
+fn parse_nested_nvdimm(spec: &str) -> Result<(PathBuf, u32), Failure> {
+    spec.split_once(':')
+        .and_then(|(slot, path)| Some((PathBuf::from(path), slot.parse().ok()?)))
+        .filter(|(path, _)| path.is_absolute())
+        .ok_or_else(|| {
+            Failure::vmm(format!(
+                "invalid --nested-nvdimm '{spec}': expected SLOT:ABSOLUTE-PATH"
+            ))
+        })
 }
 
 /// Interactive reboot: start over with the same arguments (a fresh VM, as a reset would give).
@@ -529,6 +568,7 @@ fn guest_command_script(command: &[OsString]) -> Vec<u8> {
 
 fn run_nested(
     args: &RunArgs,
+    cxl_devices: &[cxl::CxlType3Spec],
     kernel: &std::path::Path,
     initrd: Option<&PathBuf>,
     memory: u64,
@@ -559,6 +599,20 @@ fn run_nested(
     }
     for spec in &args.cxl_type3 {
         argv.push(format!("--cxl-type3={}", absolute_cxl_paths(spec)).into());
+    }
+    // Each backing file goes to the nested host as an NVDIMM (QEMU maps it here), so guest
+    // stores land in this machine's page cache, not the nested host's (see `nested_memory`).
+    let shared_files: Vec<nested_memory::SharedFile> = cxl_devices
+        .iter()
+        .map(|d| nested_memory::SharedFile {
+            path: absolute(&d.backing),
+            size: d.total(),
+        })
+        .collect();
+    for (slot, file) in shared_files.iter().enumerate() {
+        let mut arg = OsString::from(format!("--nested-nvdimm={slot}:"));
+        arg.push(file.path.as_os_str());
+        argv.push(arg);
     }
     if args.cxl_precommit {
         argv.push("--cxl-precommit".into());
@@ -615,6 +669,7 @@ fn run_nested(
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
         control_port,
+        shared_files,
     };
     let result = match host::run_in_nested_host(&opts, &argv) {
         Err(e) if host::is_host_crash_before_command(&e) => {
@@ -625,7 +680,7 @@ fn run_nested(
         }
         other => other,
     };
-    result.map_err(Failure::vmm).and_then(|status| {
+    result.map_err(host_failure).and_then(|status| {
         u8::try_from(status)
             .map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
     })
@@ -704,9 +759,9 @@ fn host_failure(e: host::HostError) -> Failure {
         };
     }
     match e {
-        host::HostError::Interrupted { signal } => Failure {
+        host::HostError::Interrupted { signal, .. } => Failure {
             message: e.to_string(),
-            status: u8::try_from(128 + signal).unwrap_or(EXIT_VMM_ERROR),
+            status: signals::exit_status(signal),
         },
         other => Failure::vmm(other),
     }
@@ -777,6 +832,7 @@ fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
         workdir: std::env::current_dir().map_err(Failure::vmm)?,
         interactive,
         control_port: None,
+        shared_files: Vec::new(),
     };
     let status = run_nested_with_retry(&opts, &command).map_err(host_failure)?;
     u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))

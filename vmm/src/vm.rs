@@ -88,6 +88,8 @@ pub struct VmConfig {
     pub hide_hypervisor: bool,
     /// Where the control API is served (`--control`), if anywhere.
     pub control: Option<ControlEndpoint>,
+    /// Backing files the nested host has as NVDIMMs (path, slot), mapped from there.
+    pub nested_media: Vec<(PathBuf, u32)>,
 }
 
 /// Where this VMM serves the control API.
@@ -116,6 +118,9 @@ pub enum Outcome {
     UserQuit,
     /// A vCPU hit an error the VMM cannot continue from.
     VmmError(String),
+    /// The VMM got SIGINT, SIGTERM or SIGHUP (the signal): the vCPUs were stopped and the
+    /// devices' media flushed.
+    Interrupted(i32),
 }
 
 /// Boot milestones, measured from VMM start.
@@ -291,6 +296,9 @@ type Com1 = SerialPort<ConsoleWriter>;
 
 /// Runs a VM to completion.
 pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
+    // From here on SIGINT/SIGTERM/SIGHUP stop the run cleanly (see `signals`).
+    let mut signals = crate::signals::SignalWatch::install()
+        .map_err(|e| VmError::EventLoop(format!("installing signal handlers: {e}")))?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(
         kvm.create_vm()
@@ -437,6 +445,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
     } else {
         let topology = crate::cxl::build_topology(
             &config.cxl_devices,
+            &config.nested_media,
             &vm,
             &guest_memory,
             &msi_sink,
@@ -526,8 +535,13 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         vcpu_threads.push(thread);
     }
 
-    let outcome = main_loop(config, &events, &com1)?;
-    stopping.store(true, Ordering::SeqCst);
+    let outcome = main_loop(config, &events, &com1, &mut signals);
+    stop_vcpus(vcpu_threads, &stopping);
+    // Whatever ended the run, the guest's stores to device media reach the backing files.
+    if let Some(topology) = &cxl_topology {
+        topology.flush();
+    }
+    let outcome = outcome?;
     let st = lock(&events.state);
     Ok(RunReport {
         outcome,
@@ -537,6 +551,34 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         },
         kernel_format: entry.format,
     })
+}
+
+/// Stops the vCPU threads: each leaves `KVM_RUN` on a kick signal (a real-time signal whose
+/// handler does nothing, installed without `SA_RESTART`, so `KVM_RUN` returns `EINTR`) and sees
+/// `stopping`. A kick can land just before a thread enters `KVM_RUN`, so it is repeated until
+/// the thread ends, for at most a second; a thread still running then is left to the process
+/// exit (logged).
+fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>, stopping: &AtomicBool) {
+    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    stopping.store(true, Ordering::SeqCst);
+    let kick = SIGRTMIN();
+    if let Err(e) = register_signal_handler(kick, on_kick) {
+        log::warn!("cannot install the vCPU kick signal handler: {e}");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            let _ = thread.kill(kick);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            log::warn!("a vCPU thread did not stop within a second");
+        }
+    }
 }
 
 fn vcpu_loop(
@@ -733,6 +775,7 @@ fn main_loop(
     config: &VmConfig,
     events: &Arc<VmEvents>,
     com1: &Arc<Mutex<Com1>>,
+    signals: &mut crate::signals::SignalWatch,
 ) -> Result<Outcome, VmError> {
     let interactive = matches!(config.console, ConsoleMode::Interactive);
     let stdin_is_tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
@@ -770,11 +813,17 @@ fn main_loop(
         done: false,
     }));
     manager.add_subscriber(main.clone());
+    let mut interrupted = None;
     loop {
-        // Wake periodically so input held back by a full UART FIFO gets another chance.
+        // Wake periodically so input held back by a full UART FIFO gets another chance, and a
+        // stop signal is seen within 20 ms.
         manager
             .run_with_timeout(20)
             .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        if let Some(signal) = signals.next() {
+            interrupted = Some(signal);
+            break;
+        }
         let mut m = lock(&main);
         m.flush_input();
         if m.done {
@@ -783,7 +832,9 @@ fn main_loop(
     }
     let m = lock(&main);
     let st = lock(&events.state);
-    let outcome = if m.user_quit {
+    let outcome = if let Some(signal) = interrupted {
+        Outcome::Interrupted(signal)
+    } else if m.user_quit {
         Outcome::UserQuit
     } else if m.timed_out {
         Outcome::TimedOut
