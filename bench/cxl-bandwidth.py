@@ -121,6 +121,22 @@ done
 """
 
 
+def placement_script(a):
+    """The node 1 vs node 0 part of ours_script: what --placement compares."""
+    return f"""
+set -e -o pipefail
+bw() {{ label=$1; shift; "$@" | sed "s/^/$label /"; }}
+daxctl online-memory dax0.0 >&2
+numactl --membind=0 memio bw anon {a.size} 1 >&2
+numactl --membind=1 memio bw anon {a.size} 1 >&2
+for i in $(seq {a.repeat}); do
+    bw ram numactl --membind=0 memio bw anon {a.size} {a.rounds}
+    bw cxl-node1 numactl --membind=1 memio bw anon {a.size} {a.rounds}
+done
+{CLOCK_LINE}
+"""
+
+
 def qemu_script(a):
     if a.qemu_guest_script:
         with open(a.qemu_guest_script) as f:
@@ -172,17 +188,77 @@ def run_logged(name, argv, timeout, env=None):
     return status, o, e, secs
 
 
-def measure_ours(a, stage):
+def measure_ours(a, stage, host="direct", name="vmm", script=None):
     backing = os.path.join(stage, "cxl-ram.img")
-    argv = [a.vmm, "run", "--host=direct", "--memory=1G", "--cpus=1", "--cxl-precommit",
+    argv = [a.vmm, "run", f"--host={host}", "--memory=1G", "--cpus=1", "--cxl-precommit",
             f"--cxl-type3=volatile=512M,persistent=0,backing={backing}",
             "--cmdline=memhp_default_state=offline", f"--guest-file={a.memio}:/usr/local/bin/memio",
-            f"--timeout={a.timeout}", "--", "sh", "-c", ours_script(a)]
-    status, out, err, secs = run_logged("vmm", argv, a.timeout + 60)
+            f"--timeout={a.timeout}", "--", "sh", "-c", script or ours_script(a)]
+    status, out, err, secs = run_logged(name, argv, a.timeout + 60)
     if status != 0:
         tail = "\n".join(err.splitlines()[-25:])
-        die(f"our VMM's run failed (status {status}); {LOGS}/vmm.err:\n{tail}")
+        die(f"our VMM's run failed (status {status}); {LOGS}/{name}.err:\n{tail}")
     return parse(out), secs, guest_clock(out)
+
+
+def placement(a):
+    """--placement DIR: our VMM as a user runs it (`vmm run`, which moves into the nested host
+    by itself where it must), the backing file first on a tmpfs, then in DIR (a normal file
+    system); the CXL/RAM ratio of each and the second over the first."""
+    tmpfs, why = ram_dir()
+    if not tmpfs:
+        die(why)
+    os.makedirs(a.placement, exist_ok=True)
+    fs_type = "?"
+    target = os.path.realpath(a.placement)
+    best = ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and (target + "/").startswith(fields[1].rstrip("/") + "/") \
+                    and len(fields[1]) >= len(best):
+                best, fs_type = fields[1], fields[2]
+    if fs_type == "tmpfs":
+        die(f"--placement {a.placement} is on a tmpfs: give a directory on a disk file system")
+    ratios = {}
+    for name, where in (("tmpfs", tmpfs), ("disk", a.placement)):
+        stage = tempfile.mkdtemp(prefix="cxlbench-", dir=where)
+        try:
+            records, secs, _ = measure_ours(a, stage, host=a.host, name=f"placement-{name}",
+                                            script=placement_script(a))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        ratios[name] = {k: paired(records, "cxl-node1", "ram", f"{k}_best_mb_s")
+                        for k in ("write", "read")}
+        ratios[name]["cxl"] = {k: med(records, "cxl-node1", f"{k}_best_mb_s")
+                               for k in ("write", "read")}
+    lines = [f"CXL/RAM ratio by where the backing file lies (vmm run --host={a.host}, 512 MiB "
+             f"volatile CXL device, memio over {a.size}, {a.repeat} interleaved runs x "
+             f"{a.rounds} rounds; median (min-max) of per-run best rates)",
+             f"  tmpfs: {tmpfs}   disk: {a.placement} ({fs_type})"]
+    for name in ("tmpfs", "disk"):
+        r = ratios[name]
+        lines.append(f"ratio ours CXL/RAM, backing on {name:5s}  write {fmt_p(r['write'])}  "
+                     f"read {fmt_p(r['read'])}   (CXL MB/s: write {fmt(r['cxl']['write'])}, "
+                     f"read {fmt(r['cxl']['read'])})")
+    verdicts = []
+    for k in ("write", "read"):
+        t, d = ratios["tmpfs"][k], ratios["disk"][k]
+        if t and d:
+            q = d[0] / t[0]
+            verdicts.append(f"{k} {q:.2f}")
+            ratios[f"disk/tmpfs {k}"] = q
+    ok = all(v >= 0.9 for k, v in ratios.items() if k.startswith("disk/tmpfs"))
+    lines.append(f"disk / tmpfs ratio: {', '.join(verdicts)}   goal within 10 %: "
+                 + ("met" if ok and verdicts else "NOT MET"))
+    lines.append(f"logs in {LOGS}/")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(WORK, "cxl-placement-results.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(WORK, "cxl-placement-results.json"), "w") as f:
+        json.dump({"ratios": ratios, "args": vars(a)}, f, indent=1)
+    return 0
 
 
 def qemu_initrd(a, stage):
@@ -502,6 +578,10 @@ def main():
     p.add_argument("--qemu-max-secs", type=float, default=10,
                    help="time cap per pass on QEMU's CXL memory, seconds (default 10)")
     p.add_argument("--no-qemu", action="store_true", help="measure our VMM only")
+    p.add_argument("--placement", metavar="DIR", nargs="?", const=os.path.join(WORK, "placement"),
+                   help="instead: our VMM through `vmm run` as a user runs it, backing file on a "
+                        "tmpfs and then in DIR (a disk file system; default target/bench/"
+                        "placement): CXL/RAM ratio of each, and disk/tmpfs (goal >= 0.9)")
     p.add_argument("--no-vmm", action="store_true", help="measure QEMU only")
     p.add_argument("--qemu-guest-script", default=None,
                    help="diagnostics: run this shell script in QEMU's guest instead (its "
@@ -535,9 +615,12 @@ def main():
         return 0
 
     memio = build_memio()
-    kernel, _, initrd = bootbench.pinned_images(a.vmm, a.profile)
     os.makedirs(WORK, exist_ok=True)
     shutil.rmtree(LOGS, ignore_errors=True)
+    if a.placement:
+        a.memio = memio
+        return placement(a)
+    kernel, _, initrd = bootbench.pinned_images(a.vmm, a.profile)
     # A private copy of our binary: a concurrent `cargo build` must not swap it mid-run.
     snapshot = os.path.join(WORK, "vmm-cxl")
     shutil.copy2(a.vmm, snapshot + ".tmp")

@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
 
-use common::VMM;
+use common::{RunningGuest, VMM};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cxl-control-tests");
@@ -32,84 +29,6 @@ fn ctl_ok(sock: &Path, args: &[&str]) -> String {
     let (status, out, err) = ctl(sock, args);
     assert_eq!(status, Some(0), "vmm ctl {args:?}: {err}");
     out
-}
-
-/// A running `vmm run` whose stdout lines arrive on a channel.
-struct Guest {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    /// The guest kernel console (`--console-log`), shown when a wait fails.
-    console_log: PathBuf,
-}
-
-impl Guest {
-    /// `vmm run --console-log=<scratch file> ARGS...`.
-    fn start(args: &[String]) -> Self {
-        let console_log = scratch("ctl-console.log");
-        let mut child = Command::new(VMM)
-            .arg(args[0].as_str())
-            .arg(format!("--console-log={}", console_log.display()))
-            .args(&args[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning vmm run");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-            console_log,
-        }
-    }
-
-    /// Waits for a stdout line containing `marker`; panics with what was printed if the guest
-    /// ends or takes too long.
-    fn wait_for(&mut self, marker: &str) {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(300)) {
-                Ok(line) => {
-                    let hit = line.contains(marker);
-                    self.seen.push(line);
-                    if hit {
-                        return;
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    let console = std::fs::read_to_string(&self.console_log).unwrap_or_default();
-                    let tail: Vec<&str> = console.lines().rev().take(60).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
-                    panic!(
-                        "guest never printed {marker:?}; stdout so far:\n{}\n--- last lines of the guest console ({}):\n{}",
-                        self.seen.join("\n"),
-                        self.console_log.display(),
-                        tail.join("\n")
-                    );
-                }
-            }
-        }
-    }
-
-    /// Waits for the VM to exit; returns its status and the whole stdout.
-    fn finish(mut self) -> (Option<i32>, String) {
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(600)) {
-            self.seen.push(line);
-        }
-        let status = self.child.wait().expect("waiting for vmm run").code();
-        (status, self.seen.join("\n"))
-    }
 }
 
 #[test]
@@ -141,20 +60,23 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
         wait_until 120 cleared
         echo "phase:cleared"
     "#;
-    let mut guest = Guest::start(&[
-        "run".into(),
-        "--timeout=900".into(),
-        format!("--control={}", sock.display()),
-        "--cxl-precommit".into(),
-        format!(
-            "--cxl-type3=volatile=256M,persistent=0,backing={}",
-            img.display()
-        ),
-        "--".into(),
-        "sh".into(),
-        "-c".into(),
-        script.into(),
-    ]);
+    let mut guest = RunningGuest::start(
+        scratch("ctl-console.log"),
+        &[
+            "run".into(),
+            "--timeout=900".into(),
+            format!("--control={}", sock.display()),
+            "--cxl-precommit".into(),
+            format!(
+                "--cxl-type3=volatile=256M,persistent=0,backing={}",
+                img.display()
+            ),
+            "--".into(),
+            "sh".into(),
+            "-c".into(),
+            script.into(),
+        ],
+    );
     guest.wait_for("phase:tracing");
 
     let devices = ctl_ok(&sock, &["devices"]);
@@ -212,7 +134,7 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
     ctl_ok(&sock, &["clear-poison", "--dpa=0x40000", "--length=256"]);
     guest.wait_for("phase:cleared");
 
-    let (status, out) = guest.finish();
+    let (status, out, _) = guest.finish();
     assert_eq!(status, Some(0), "{out}");
     assert!(out.contains("\"offset\":\"0x40000\""), "{out}");
     assert!(out.contains("\"source\":\"Internal\""), "{out}");

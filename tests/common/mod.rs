@@ -7,8 +7,10 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 /// Path of the `vmm` binary cargo built for these tests.
@@ -179,4 +181,146 @@ pub fn guest_tool(name: &str) -> std::path::PathBuf {
     }
     built.insert(name.to_string(), binary.clone());
     binary
+}
+
+/// A `vmm run` booting in the background (serialised with other guest boots of this test
+/// process), whose stdout lines arrive as they are printed, so a test can act while the guest
+/// runs: wait for a marker, signal or kill the VMM, then collect how it ended. Its stderr is
+/// collected and echoed to ours.
+pub struct RunningGuest {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_thread: Option<std::thread::JoinHandle<()>>,
+    /// The guest kernel console (`--console-log`), shown when a wait fails.
+    console_log: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl RunningGuest {
+    /// `vmm ARGS[0] --console-log=CONSOLE_LOG ARGS[1..]` (ARGS[0] is `run`).
+    pub fn start(console_log: PathBuf, args: &[String]) -> Self {
+        let serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut child = Command::new(VMM)
+            .arg(args[0].as_str())
+            .arg(format!("--console-log={}", console_log.display()))
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning vmm run");
+        let stdout = child.stdout.take().expect("stdout pipe");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr pipe");
+        let sink = stderr.clone();
+        let stderr_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]);
+                eprint!("{text}");
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&text);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            stderr_thread: Some(stderr_thread),
+            console_log,
+            _serial: serial,
+        }
+    }
+
+    /// The `vmm run` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the `vmm run` process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to the child process we spawned (not yet reaped).
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits (at most 300 s) for a stdout line containing `marker` and returns it; panics with
+    /// what was printed and the guest console's last lines if the guest ends or takes too long.
+    pub fn wait_for(&mut self, marker: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(300)) {
+                Ok(line) => {
+                    let hit = line.contains(marker);
+                    self.seen.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let console = std::fs::read_to_string(&self.console_log).unwrap_or_default();
+                    let tail: Vec<&str> = console.lines().rev().take(60).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    panic!(
+                        "guest never printed {marker:?}; stdout so far:\n{}\n--- stderr:\n{}\n--- last lines of the guest console ({}):\n{}",
+                        self.seen.join("\n"),
+                        self.stderr.lock().unwrap_or_else(|e| e.into_inner()),
+                        self.console_log.display(),
+                        tail.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every stdout line so far (including any still queued).
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
+    /// Waits (at most 600 s) for the VMM to exit; returns its status (`None`: killed by a
+    /// signal), the whole stdout and the whole stderr.
+    pub fn finish(mut self) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for vmm run") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("vmm run did not exit within 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            self.seen.push(line);
+        }
+        if let Some(t) = self.stderr_thread.take() {
+            let _ = t.join();
+        }
+        let stderr = self
+            .stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (status.code(), self.seen.join("\n"), stderr)
+    }
 }

@@ -240,7 +240,9 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(f) => {
-            eprintln!("vmm: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("vmm: {}", f.message);
+            }
             ExitCode::from(f.status)
         }
     }
@@ -442,10 +444,15 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         }),
         vm::Outcome::VmmError(msg) => Err(Failure::vmm(msg)),
         vm::Outcome::Interrupted(signal) => Err(Failure {
-            message: format!(
-                "stopped by {}: guest stopped, device media flushed",
-                signals::name(signal)
-            ),
+            // Inside the nested host the outer run says why it stopped (its own signal).
+            message: if host::inside_nested_host() {
+                String::new()
+            } else {
+                format!(
+                    "stopped by {}: guest stopped, device media flushed",
+                    signals::name(signal)
+                )
+            },
             status: signals::exit_status(signal),
         }),
     }
