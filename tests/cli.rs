@@ -112,6 +112,9 @@ fn help_documents_exit_statuses() {
         "124",
         "125",
         "123",
+        "128+N",
+        "130 SIGINT",
+        "143 SIGTERM",
         "--timeout",
         "--cpus",
         "--memory",
@@ -160,6 +163,56 @@ fn cxl_backing_file_of_the_wrong_size_is_refused_and_left_alone() {
     ]);
     assert_one_line_error(&run, "refusing to resize");
     assert_eq!(std::fs::read(&img).unwrap(), b"precious user data");
+}
+
+/// A `vmm run` on a backing file (or label storage area) another process holds is refused at
+/// once, before any boot, naming the file and the holder; the file is left as it was.
+#[test]
+fn cxl_files_in_use_by_another_run_are_refused_naming_the_holder() {
+    use std::os::fd::AsRawFd;
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cxl-locked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("held.img");
+    let lsa = dir.join("held.lsa");
+    let data = vec![0x5au8; 256 << 20];
+    std::fs::write(&img, &data).unwrap();
+    std::fs::write(&lsa, vec![0u8; 128 << 10]).unwrap();
+    for (held, what) in [(&img, "CXL backing file"), (&lsa, "CXL label storage area")] {
+        // This test process holds an OFD write lock on the file, as a running `vmm run` does.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(held)
+            .unwrap();
+        // SAFETY: a zeroed flock is valid; F_WRLCK over the whole file (l_len 0), pid 0.
+        let mut request: libc::flock = unsafe { std::mem::zeroed() };
+        request.l_type = libc::F_WRLCK as libc::c_short;
+        // SAFETY: F_OFD_SETLK reads the valid flock we pass; the descriptor is open.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        let started = std::time::Instant::now();
+        let run = vmm([
+            "run".to_string(),
+            "--kernel=/proc/self/exe".to_string(),
+            format!(
+                "--cxl-type3=volatile=0,persistent=256M,backing={},lsa={}",
+                img.display(),
+                lsa.display()
+            ),
+            "--".to_string(),
+            "true".to_string(),
+        ]);
+        assert_one_line_error(&run, &format!("{what} '{}' is in use by", held.display()));
+        assert!(
+            run.stderr.contains(&format!("pid {}", std::process::id())),
+            "{}",
+            run.stderr
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        drop(file);
+    }
+    assert!(std::fs::read(&img).unwrap() == data, "backing file changed");
+    assert_eq!(std::fs::read(&lsa).unwrap(), vec![0u8; 128 << 10]);
 }
 
 #[test]

@@ -131,10 +131,21 @@ fn open_or_create(path: &Path) -> std::io::Result<(File, bool)> {
 /// ([`crate::file_lock`]) *before* anything is written to it, so a second run on the same file
 /// fails at once, naming the file and its holder, without touching it. An existing backing
 /// file of another size is refused untouched. The locks last as long as the returned values.
-pub fn claim_media(specs: &[CxlType3Spec]) -> Result<Vec<FileLock>, String> {
-    use devices::cxl::lsa::DEFAULT_LSA_SIZE;
+///
+/// Backing files in `held_outside` are skipped: inside the nested host they arrive as NVDIMMs
+/// and the outer run holds their locks.
+pub fn claim_media(
+    specs: &[CxlType3Spec],
+    held_outside: &[PathBuf],
+) -> Result<Vec<FileLock>, String> {
     let mut locks = Vec::new();
     for spec in specs {
+        if held_outside.contains(&spec.backing) {
+            if let Some(lsa) = spec.lsa_path() {
+                locks.extend(claim_lsa(spec, &lsa)?);
+            }
+            continue;
+        }
         let shown = spec.backing.display().to_string();
         let (file, existed) = open_or_create(&spec.backing).map_err(|e| {
             CxlConfigError::Backing {
@@ -160,20 +171,26 @@ pub fn claim_media(specs: &[CxlType3Spec]) -> Result<Vec<FileLock>, String> {
         }
         locks.push(lock);
         if let Some(lsa) = spec.lsa_path() {
-            let what = "CXL label storage area";
-            let (file, _) = open_or_create(&lsa)
-                .map_err(|e| format!("{}: {what} '{}': {e}", spec.id, lsa.display()))?;
-            let lock = FileLock::exclusive(file, &lsa, what).map_err(|e| e.to_string())?;
-            if lock.file().metadata().map_err(|e| e.to_string())?.len() == 0 {
-                lock.file()
-                    .set_len(DEFAULT_LSA_SIZE as u64)
-                    .and_then(|()| lock.file().sync_all())
-                    .map_err(|e| format!("{}: {what} '{}': {e}", spec.id, lsa.display()))?;
-            }
-            locks.push(lock);
+            locks.extend(claim_lsa(spec, &lsa)?);
         }
     }
     Ok(locks)
+}
+
+/// Claims one device's label storage area (see [`claim_media`]).
+fn claim_lsa(spec: &CxlType3Spec, lsa: &Path) -> Result<Option<FileLock>, String> {
+    use devices::cxl::lsa::DEFAULT_LSA_SIZE;
+    let what = "CXL label storage area";
+    let err = |e: &dyn std::fmt::Display| format!("{}: {what} '{}': {e}", spec.id, lsa.display());
+    let (file, _) = open_or_create(lsa).map_err(|e| err(&e))?;
+    let lock = FileLock::exclusive(file, lsa, what).map_err(|e| e.to_string())?;
+    if lock.file().metadata().map_err(|e| err(&e))?.len() == 0 {
+        lock.file()
+            .set_len(DEFAULT_LSA_SIZE as u64)
+            .and_then(|()| lock.file().sync_all())
+            .map_err(|e| err(&e))?;
+    }
+    Ok(Some(lock))
 }
 
 /// The device's memory: the backing file mapped shared, volatile capacity first, then

@@ -1097,7 +1097,7 @@ fn unix_nanos() -> u128 {
 }
 
 /// Errors out when `path` lies where the host mounts its own file systems.
-fn check_visible(what: &str, path: &Path) -> Result<(), HostError> {
+pub fn check_visible(what: &str, path: &Path) -> Result<(), HostError> {
     match hidden_prefix(path) {
         Some(prefix) => Err(HostError::Invalid(format!(
             "{what} {} is under {prefix}, which the nested host replaces with its own file system; \

@@ -305,12 +305,13 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
     // The devices' media (backing files, label storage areas) are this run's alone: locked
     // before anything is written to them, for as long as this process lives (under the nested
     // host, the outer run holds them).
-    let _media_locks = cxl::claim_media(&cxl_devices).map_err(Failure::vmm)?;
     let nested_media = args
         .nested_nvdimm
         .iter()
         .map(|spec| parse_nested_nvdimm(spec))
         .collect::<Result<Vec<_>, _>>()?;
+    let held_outside: Vec<PathBuf> = nested_media.iter().map(|(p, _)| p.clone()).collect();
+    let _media_locks = cxl::claim_media(&cxl_devices, &held_outside).map_err(Failure::vmm)?;
 
     // Resolve the default image (this may download and build it, outside any nested host).
     let (kernel, initrd) = match &args.kernel {
@@ -606,6 +607,17 @@ fn run_nested(
     }
     for spec in &args.cxl_type3 {
         argv.push(format!("--cxl-type3={}", absolute_cxl_paths(spec)).into());
+    }
+    // Label storage areas stay files the VMM inside reads and writes (through 9p): they must be
+    // the same files in there. (Backing files may lie anywhere: they go in as NVDIMMs.)
+    for device in cxl_devices {
+        if let Some(lsa) = device.lsa_path() {
+            host::check_visible(
+                &format!("{}: label storage area", device.id),
+                &absolute(&lsa),
+            )
+            .map_err(Failure::vmm)?;
+        }
     }
     // Each backing file goes to the nested host as an NVDIMM (QEMU maps it here), so guest
     // stores land in this machine's page cache, not the nested host's (see `nested_memory`).
