@@ -16,11 +16,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::RunningGuest;
 
+/// A fresh backing file path: no image, label storage area or console log left from a run
+/// before (an old LSA would describe a namespace the new, empty image does not have).
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cxl-durability-tests");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    let _ = std::fs::remove_file(&path);
+    for suffix in ["", ".lsa", ".console.log"] {
+        let mut p = path.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
     path
 }
 
