@@ -617,7 +617,7 @@ pub fn build_topology(
     use devices::cxl::memdev::{Memdev, MemdevConfig, SharedMemdev};
     use devices::cxl::{
         CxlHostBridge, CxlHostBridgeConfig, CxlRootPort, CxlRootPortConfig, CxlType3Device,
-        HpaWindow, SharedFunction, Type3Config,
+        HpaWindow, Type3Config,
     };
 
     let size = window_size(specs);
@@ -690,7 +690,7 @@ pub fn build_topology(
                 interrupts.trigger(u16::from(ev.msgnum));
             })));
         }
-        let (function, device) = SharedFunction::new(device);
+        let (function, device) = devices::pci::SharedFunction::new(device);
         let port = CxlRootPort::new(CxlRootPortConfig::new(port_number), msi.clone())
             .map_err(|e| e.to_string())?;
         platform.add_cxl_device(device_number, Box::new(port), Box::new(function))?;

@@ -24,9 +24,8 @@
 
 use std::fmt;
 
-use super::{
-    CxlError, CxlInterrupts, DwordRegs, MailboxBackend, dword_read, dword_write, mbox_rc, merge,
-};
+use super::{CxlError, DwordRegs, MailboxBackend, dword_read, dword_write, mbox_rc, merge};
+use crate::pci::FunctionInterrupts;
 
 /// Capability IDs of the device register block (CXL 2.0 Table 164; Linux `CXLDEV_CAP_CAP_ID_*`).
 pub mod cap_id {
@@ -96,7 +95,7 @@ pub struct DeviceRegisters {
     status: u64,
     bg_status: u64,
     backend: Box<dyn MailboxBackend>,
-    interrupts: Option<CxlInterrupts>,
+    interrupts: Option<FunctionInterrupts>,
     mailbox_vector: u16,
 }
 
@@ -117,7 +116,7 @@ impl DeviceRegisters {
     pub fn new(
         payload_log2: u8,
         backend: Box<dyn MailboxBackend>,
-        interrupts: Option<CxlInterrupts>,
+        interrupts: Option<FunctionInterrupts>,
         mailbox_vector: u16,
     ) -> Result<Self, CxlError> {
         if !PAYLOAD_LOG2_RANGE.contains(&payload_log2) {
@@ -380,7 +379,7 @@ mod tests {
         }
     }
 
-    fn regs(interrupts: Option<CxlInterrupts>) -> (DeviceRegisters, Calls) {
+    fn regs(interrupts: Option<FunctionInterrupts>) -> (DeviceRegisters, Calls) {
         let echo = Echo {
             events: 0x5,
             ..Echo::default()
@@ -580,7 +579,7 @@ mod tests {
         )
         .unwrap();
         let cap = msix.cap_offset();
-        let irq = CxlInterrupts::new(Arc::new(Mutex::new(msix)));
+        let irq = FunctionInterrupts::new(Arc::new(Mutex::new(msix)));
         // Guest programs vector 0 and enables MSI-X and bus mastering.
         irq.with(|m| {
             m.bar_write(0, 0, &0xfee0_0000u32.to_le_bytes());

@@ -505,7 +505,7 @@ impl Memdev {
     /// record arrives — at the end of [`Memdev::execute`] and of each `inject_*` call (the
     /// control API injects from outside any doorbell). Typically
     /// `Box::new(move |irq| { irqs.trigger(irq.msgnum.into()); })` with the function's
-    /// `CxlInterrupts`. The sink runs while the caller holds whatever lock guards this
+    /// `FunctionInterrupts`. The sink runs while the caller holds whatever lock guards this
     /// `Memdev`, so it must not take that lock. Interrupts queued before the sink was installed
     /// are delivered now.
     pub fn set_event_interrupt_sink(

@@ -36,13 +36,13 @@ pub mod mailbox;
 pub mod memdev;
 pub mod poison;
 
-use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use thiserror::Error;
 
 use crate::bus::lock;
-use crate::pci::{BarInfo, MsixCapability, MsixTriggerResult, PciDevice, PciError};
+pub(crate) use crate::pci::registers::{DwordRegs, dword_read, dword_write, merge};
+use crate::pci::{PciDevice, PciError};
 
 pub use component::{ComponentRegisters, HdmConfig, HdmDecoderCapability, HdmRole, RasCapability};
 pub use device_regs::DeviceRegisters;
@@ -112,101 +112,6 @@ pub struct UnsupportedMailbox;
 impl MailboxBackend for UnsupportedMailbox {
     fn execute(&mut self, _opcode: u16, _input: &[u8], _capacity: usize) -> (u16, Vec<u8>) {
         (mbox_rc::UNSUPPORTED, Vec::new())
-    }
-}
-
-/// A handle that raises a CXL function's MSI-X vectors from outside the register model (the
-/// command set signals event-log interrupts with it, CXL 2.0 8.2.9.1.5). Cloneable, shared
-/// with the function.
-#[derive(Clone)]
-pub struct CxlInterrupts {
-    msix: Arc<Mutex<MsixCapability>>,
-}
-
-impl fmt::Debug for CxlInterrupts {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CxlInterrupts").finish_non_exhaustive()
-    }
-}
-
-impl CxlInterrupts {
-    pub(crate) fn new(msix: Arc<Mutex<MsixCapability>>) -> Self {
-        CxlInterrupts { msix }
-    }
-
-    /// Signals MSI-X `vector` (pending if masked, dropped if MSI-X is disabled).
-    pub fn trigger(&self, vector: u16) -> MsixTriggerResult {
-        lock(&self.msix).trigger(vector)
-    }
-
-    /// Number of MSI-X vectors of the function.
-    pub fn num_vectors(&self) -> u16 {
-        lock(&self.msix).table().num_vectors()
-    }
-
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut MsixCapability) -> R) -> R {
-        f(&mut lock(&self.msix))
-    }
-}
-
-/// A PCI function shared between the root complex (which owns a `Box<dyn PciDevice>`) and the
-/// VMM, which keeps the `Arc<Mutex<T>>` to reset the function, inject RAS errors or inspect
-/// committed decoders later. Every [`PciDevice`] call locks the function.
-pub struct SharedFunction<T: PciDevice> {
-    inner: Arc<Mutex<T>>,
-    name: String,
-}
-
-impl<T: PciDevice> fmt::Debug for SharedFunction<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedFunction")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: PciDevice> SharedFunction<T> {
-    /// Wraps `device`; returns the wrapper (for the root complex) and the VMM's handle.
-    pub fn new(device: T) -> (Self, Arc<Mutex<T>>) {
-        let name = device.name().to_string();
-        let inner = Arc::new(Mutex::new(device));
-        (
-            SharedFunction {
-                inner: inner.clone(),
-                name,
-            },
-            inner,
-        )
-    }
-}
-
-impl<T: PciDevice> PciDevice for SharedFunction<T> {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        lock(&self.inner).config_read(offset, data);
-    }
-
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        lock(&self.inner).config_write(offset, data);
-    }
-
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-        lock(&self.inner).bar_read(bar, offset, data);
-    }
-
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        lock(&self.inner).bar_write(bar, offset, data);
-    }
-
-    fn bars(&self) -> Vec<BarInfo> {
-        lock(&self.inner).bars()
-    }
-
-    fn set_requester_id(&mut self, requester_id: iommu::RequesterId) {
-        lock(&self.inner).set_requester_id(requester_id);
-    }
-
-    fn name(&self) -> &str {
-        &self.name
     }
 }
 
@@ -532,126 +437,9 @@ pub fn fuzz_cxl(bytes: &[u8]) {
     }
 }
 
-/// Register-level access plumbing shared by the MMIO blocks: 32-bit registers with byte
-/// enables.
-pub(crate) trait DwordRegs {
-    /// Reads the DWORD at `offset` (4-byte aligned).
-    fn read_dword(&self, offset: u64) -> u32;
-    /// Writes the bits of `value` selected by `enables` to the DWORD at `offset` (4-byte
-    /// aligned). Unselected bits are not written (matters for RW1C bits and side effects).
-    fn write_dword(&mut self, offset: u64, value: u32, enables: u32);
-}
-
-/// True for naturally aligned 1-, 2-, 4- and 8-byte accesses.
-pub(crate) fn reg_access_ok(offset: u64, len: usize) -> bool {
-    matches!(len, 1 | 2 | 4 | 8) && offset.is_multiple_of(len as u64)
-}
-
-/// Serves a guest read through [`DwordRegs`]; malformed accesses read 0.
-pub(crate) fn dword_read(regs: &impl DwordRegs, offset: u64, data: &mut [u8]) {
-    if !reg_access_ok(offset, data.len()) {
-        data.fill(0);
-        return;
-    }
-    if data.len() == 8 {
-        let lo = regs.read_dword(offset);
-        let hi = regs.read_dword(offset + 4);
-        data[..4].copy_from_slice(&lo.to_le_bytes());
-        data[4..].copy_from_slice(&hi.to_le_bytes());
-        return;
-    }
-    let v = regs.read_dword(offset & !3) >> (8 * (offset & 3));
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = (v >> (8 * i)) as u8;
-    }
-}
-
-/// Serves a guest write through [`DwordRegs`]; malformed accesses are ignored.
-pub(crate) fn dword_write(regs: &mut impl DwordRegs, offset: u64, data: &[u8]) {
-    if !reg_access_ok(offset, data.len()) {
-        log::debug!(
-            "cxl: ignoring malformed register write at {offset:#x} len {}",
-            data.len()
-        );
-        return;
-    }
-    if data.len() == 8 {
-        let lo = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let hi = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
-        regs.write_dword(offset, lo, u32::MAX);
-        regs.write_dword(offset + 4, hi, u32::MAX);
-        return;
-    }
-    let shift = 8 * (offset & 3) as u32;
-    let mut value = 0u32;
-    for (i, b) in data.iter().enumerate() {
-        value |= u32::from(*b) << (8 * i);
-    }
-    let enables = if data.len() == 4 {
-        u32::MAX
-    } else {
-        ((1u32 << (8 * data.len())) - 1) << shift
-    };
-    regs.write_dword(offset & !3, value << shift, enables);
-}
-
-/// `old` with the bits in `writable & enables` replaced from `value`.
-pub(crate) fn merge(old: u32, value: u32, enables: u32, writable: u32) -> u32 {
-    let m = writable & enables;
-    (old & !m) | (value & m)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Regs([u32; 4]);
-    impl DwordRegs for Regs {
-        fn read_dword(&self, offset: u64) -> u32 {
-            self.0.get((offset / 4) as usize).copied().unwrap_or(0)
-        }
-        fn write_dword(&mut self, offset: u64, value: u32, enables: u32) {
-            if let Some(r) = self.0.get_mut((offset / 4) as usize) {
-                *r = merge(*r, value, enables, u32::MAX);
-            }
-        }
-    }
-
-    #[test]
-    fn dword_plumbing_sizes_and_alignment() {
-        let mut r = Regs([0x4433_2211, 0x8877_6655, 0, 0]);
-        let mut b = [0u8; 8];
-        dword_read(&r, 0, &mut b);
-        assert_eq!(u64::from_le_bytes(b), 0x8877_6655_4433_2211);
-        let mut w = [0u8; 2];
-        dword_read(&r, 2, &mut w);
-        assert_eq!(w, [0x33, 0x44]);
-        let mut one = [0u8; 1];
-        dword_read(&r, 5, &mut one);
-        assert_eq!(one, [0x66]);
-        // Misaligned / odd sizes read 0 and are dropped on write.
-        dword_read(&r, 1, &mut w);
-        assert_eq!(w, [0, 0]);
-        let mut three = [0xffu8; 3];
-        dword_read(&r, 0, &mut three);
-        assert_eq!(three, [0; 3]);
-        dword_read(&r, 4, &mut b);
-        assert_eq!(b, [0; 8]);
-        dword_write(&mut r, 1, &[1, 2]);
-        dword_write(&mut r, 4, &[0; 8]);
-        dword_write(&mut r, 0, &[]);
-        assert_eq!(r.0[0], 0x4433_2211);
-        // Byte and word writes only touch their bytes.
-        dword_write(&mut r, 1, &[0xaa]);
-        assert_eq!(r.0[0], 0x4433_aa11);
-        dword_write(&mut r, 6, &[0xbb, 0xcc]);
-        assert_eq!(r.0[1], 0xccbb_6655);
-        dword_write(&mut r, 8, &0x0102_0304_0506_0708u64.to_le_bytes());
-        assert_eq!((r.0[2], r.0[3]), (0x0506_0708, 0x0102_0304));
-        // Huge offsets do not overflow.
-        dword_read(&r, u64::MAX - 7, &mut b);
-        dword_write(&mut r, u64::MAX - 3, &[0; 4]);
-    }
 
     #[test]
     fn fuzz_entry_point_runs_random_inputs() {
@@ -692,6 +480,7 @@ mod tests {
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
+    use std::sync::Mutex;
 
     /// Records commits and uncommits; refuses commits while `refuse` is set.
     #[derive(Default)]

@@ -32,9 +32,10 @@ use super::component::{ComponentRegisters, HdmConfig, HdmDecoderCapability, HdmR
 use super::device_regs::DeviceRegisters;
 use super::dvsec::{self, RegisterBlock, regloc};
 use super::{
-    CLASS_CXL_MEMORY, COMPONENT_BLOCK_SIZE, CommittedRange, CxlError, CxlInterrupts, HdmError,
-    HdmListener, HpaWindow, MailboxBackend, Partition,
+    CLASS_CXL_MEMORY, COMPONENT_BLOCK_SIZE, CommittedRange, CxlError, HdmError, HdmListener,
+    HpaWindow, MailboxBackend, Partition,
 };
+use crate::pci::FunctionInterrupts;
 
 /// BAR holding the component registers.
 pub const COMPONENT_BAR: u8 = 0;
@@ -121,7 +122,7 @@ pub struct CxlType3Device {
     config: ConfigSpace,
     component: ComponentRegisters,
     device_regs: DeviceRegisters,
-    interrupts: CxlInterrupts,
+    interrupts: FunctionInterrupts,
     msix_cap_offset: u16,
     dvsec_offset: u16,
     pcie_offset: u16,
@@ -227,7 +228,7 @@ impl CxlType3Device {
             },
         ]))?;
 
-        let interrupts = CxlInterrupts::new(Arc::new(Mutex::new(msix)));
+        let interrupts = FunctionInterrupts::new(Arc::new(Mutex::new(msix)));
         let device_regs = DeviceRegisters::new(
             cfg.mailbox_payload_log2,
             backend,
@@ -248,7 +249,7 @@ impl CxlType3Device {
     }
 
     /// Raises this function's MSI-X vectors (give it to the command set for event interrupts).
-    pub fn interrupts(&self) -> CxlInterrupts {
+    pub fn interrupts(&self) -> FunctionInterrupts {
         self.interrupts.clone()
     }
 
@@ -717,7 +718,7 @@ mod tests {
         cfg.listener = Some(l.clone());
         let dev = CxlType3Device::new(cfg, Box::new(UnsupportedMailbox), sink.clone()).unwrap();
         let irq = dev.interrupts();
-        let (dev, handle) = crate::cxl::SharedFunction::new(dev);
+        let (dev, handle) = crate::pci::SharedFunction::new(dev);
         rc.add_device(PciAddress::new(bus, 0, 0).unwrap(), Box::new(dev))
             .unwrap();
 

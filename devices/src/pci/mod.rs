@@ -11,6 +11,9 @@
 //! - [`capability`]: capability builders (PM, AER, VSEC, DVSEC, generic) and list walkers;
 //! - [`pcie`]: the PCI Express capability;
 //! - [`msix`]: MSI-X capability and table/PBA;
+//! - [`function`]: [`SharedFunction`] (a function the root complex and the VMM both hold) and
+//!   [`FunctionInterrupts`] (raising its MSI-X vectors from device workers);
+//! - [`registers`]: 32-bit register blocks with byte enables behind 1/2/4/8-byte MMIO accesses;
 //! - [`host_bridge`], [`root_port`]: the platform's fixed functions;
 //! - [`root_complex`]: topology, ECAM decode, type 1 forwarding, BAR dispatch and allocation.
 //!
@@ -44,9 +47,11 @@
 
 pub mod capability;
 pub mod config;
+pub mod function;
 pub mod host_bridge;
 pub mod msix;
 pub mod pcie;
+pub mod registers;
 pub mod root_complex;
 pub mod root_port;
 
@@ -57,6 +62,7 @@ use thiserror::Error;
 
 pub use capability::{Capability, ExtendedCapability};
 pub use config::{ConfigSpace, HeaderType, PciIds};
+pub use function::{FunctionInterrupts, SharedFunction};
 pub use host_bridge::HostBridge;
 pub use msix::{MsixCapability, MsixTable, MsixTriggerResult};
 pub use pcie::{LinkSpeed, PcieCapabilityConfig, PciePortType};
