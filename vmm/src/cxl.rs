@@ -616,8 +616,7 @@ pub fn build_topology(
     use devices::cxl::lsa::{DEFAULT_LSA_SIZE, FileLabelStorage, LabelStorage};
     use devices::cxl::memdev::{Memdev, MemdevConfig, SharedMemdev};
     use devices::cxl::{
-        CxlHostBridge, CxlHostBridgeConfig, CxlRootPort, CxlRootPortConfig, CxlType3Device,
-        HpaWindow, Type3Config,
+        CxlHostBridge, CxlHostBridgeConfig, CxlRootPort, CxlType3Device, HpaWindow, Type3Config,
     };
 
     let size = window_size(specs);
@@ -691,7 +690,7 @@ pub fn build_topology(
             })));
         }
         let (function, device) = devices::pci::SharedFunction::new(device);
-        let port = CxlRootPort::new(CxlRootPortConfig::new(port_number), msi.clone())
+        let port = CxlRootPort::new(devices::pci::RootPortConfig::cxl(port_number), msi.clone())
             .map_err(|e| e.to_string())?;
         platform.add_cxl_device(device_number, Box::new(port), Box::new(function))?;
         ports.push(port_number);

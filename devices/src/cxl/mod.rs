@@ -47,7 +47,7 @@ use crate::pci::{PciDevice, PciError};
 pub use component::{ComponentRegisters, HdmConfig, HdmDecoderCapability, HdmRole, RasCapability};
 pub use device_regs::DeviceRegisters;
 pub use host_bridge::{CxlHostBridge, CxlHostBridgeConfig};
-pub use root_port::{CxlRootPort, CxlRootPortConfig};
+pub use root_port::CxlRootPort;
 pub use type3::{CxlType3Device, Type3Config};
 
 /// The CXL consortium's vendor ID, used in every CXL DVSEC header (CXL 2.0 8.1.1).
@@ -391,7 +391,7 @@ pub fn fuzz_cxl(bytes: &[u8]) {
     let msi: Arc<dyn iommu::MsiSink> = Arc::new(iommu::NullMsiSink);
     let (Ok(mut dev), Ok(mut port), Ok(mut hb)) = (
         CxlType3Device::new(cfg, Box::new(UnsupportedMailbox), msi.clone()),
-        CxlRootPort::new(CxlRootPortConfig::new(1), msi),
+        CxlRootPort::new(crate::pci::RootPortConfig::cxl(1), msi),
         CxlHostBridge::new(CxlHostBridgeConfig {
             listener: Some(checker.clone()),
             ..CxlHostBridgeConfig::new(vec![1], window)

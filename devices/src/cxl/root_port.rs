@@ -1,6 +1,6 @@
 //! A CXL 2.0 root port: a PCI Express Root Port (type 1 header, class 0x060400, port type 4)
 //! with the CXL port DVSECs and a component register block, built like
-//! [`crate::pci::RootPort`].
+//! [`crate::pci::RootPort`] on the same [`RootPortCore`].
 //!
 //! Linux treats it as a downstream port ("dport") of the host bridge's CXL port:
 //! `devm_cxl_add_dport_by_dev` (drivers/cxl/core/pci.c) takes its Port Number from Link
@@ -21,11 +21,8 @@ use std::sync::Arc;
 
 use iommu::{MsiSink, RequesterId};
 
-use crate::pci::capability::{aer_capability, power_management_capability};
-use crate::pci::msix::MsixLayout;
 use crate::pci::{
-    BarInfo, BarKind, ConfigSpace, HeaderType, LinkSpeed, MsixCapability, MsixTriggerResult,
-    PciDevice, PciIds, PcieCapabilityConfig, ids,
+    BarInfo, ConfigSpace, MsixTriggerResult, PciDevice, RootPortConfig, RootPortCore,
 };
 
 use super::component::ComponentRegisters;
@@ -37,91 +34,24 @@ pub const COMPONENT_BAR: u8 = 0;
 /// BAR holding the MSI-X table and PBA.
 pub const MSIX_BAR: u8 = 1;
 /// Size of the MSI-X BAR.
-pub const MSIX_BAR_SIZE: u64 = 0x1000;
+pub const MSIX_BAR_SIZE: u64 = crate::pci::root_port::ROOT_PORT_BAR0_SIZE;
 
-/// Construction parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CxlRootPortConfig {
-    /// Port Number in Link Capabilities: the ID host bridge decoders use in their target lists
-    /// (Linux `pci_get_port_num` reads it from here; unique per host bridge).
-    pub port_number: u8,
-    /// Advertised link speed.
-    pub link_speed: LinkSpeed,
-    /// Advertised link width.
-    pub link_width: u8,
-    /// Number of MSI-X vectors (1..=128; vector 0 serves PME and AER).
-    pub msix_vectors: u16,
-}
-
-impl CxlRootPortConfig {
-    /// 32 GT/s x16 (CXL 2.0 runs on PCIe 5.0 PHYs), one MSI-X vector.
-    pub fn new(port_number: u8) -> Self {
-        CxlRootPortConfig {
-            port_number,
-            link_speed: LinkSpeed::Gt32,
-            link_width: 16,
-            msix_vectors: 1,
-        }
-    }
-}
-
-/// A CXL root port.
+/// A CXL root port: the PCIe root port core plus the CXL port DVSECs and component registers.
 #[derive(Debug)]
 pub struct CxlRootPort {
-    config: ConfigSpace,
-    msix: MsixCapability,
+    core: RootPortCore,
     component: ComponentRegisters,
     port_number: u8,
-    pcie_offset: u16,
-    aer_offset: u16,
 }
 
 impl CxlRootPort {
-    /// Builds a root port delivering its interrupts to `msi`.
-    pub fn new(cfg: CxlRootPortConfig, msi: Arc<dyn MsiSink>) -> Result<Self, CxlError> {
-        if cfg.msix_vectors == 0 || cfg.msix_vectors > 128 {
-            return Err(CxlError::InvalidConfig(
-                "root port supports 1..=128 MSI-X vectors",
-            ));
-        }
-        let mut config = ConfigSpace::new(
-            HeaderType::Type1,
-            PciIds {
-                vendor_id: ids::VENDOR_REDHAT,
-                device_id: ids::DEVICE_ROOT_PORT,
-                revision_id: 0,
-                class_code: ids::CLASS_PCI_BRIDGE,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
-            },
-        );
-        config.add_bar(
-            COMPONENT_BAR,
-            COMPONENT_BLOCK_SIZE,
-            BarKind::Memory32,
-            false,
-        )?;
-        config.add_bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind::Memory32, false)?;
-
-        let mut pcie = PcieCapabilityConfig::root_port(cfg.port_number);
-        pcie.link_speed = cfg.link_speed;
-        pcie.link_width = cfg.link_width;
-        let pcie_offset = u16::from(config.add_capability(&pcie.build())?);
-        let msix = MsixCapability::new(
-            &mut config,
-            MsixLayout {
-                num_vectors: cfg.msix_vectors,
-                table_bar: MSIX_BAR,
-                table_offset: 0,
-                pba_bar: MSIX_BAR,
-                pba_offset: 0x800,
-            },
-            msi,
-            RequesterId(0),
-        )?;
-        config.add_capability(&power_management_capability())?;
-
-        let aer_offset = config.add_ext_capability(&aer_capability(true))?;
+    /// Builds a root port delivering its interrupts to `msi`; `cfg.port_number` is the ID host
+    /// bridge decoders use in their target lists (Linux `pci_get_port_num` reads it from Link
+    /// Capabilities; unique per host bridge). [`RootPortConfig::cxl`] gives CXL's link speed.
+    pub fn new(cfg: RootPortConfig, msi: Arc<dyn MsiSink>) -> Result<Self, CxlError> {
+        let mut core =
+            RootPortCore::new(cfg, MSIX_BAR, &[(COMPONENT_BAR, COMPONENT_BLOCK_SIZE)], msi)?;
+        let config = core.config_mut();
         config.add_ext_capability(&dvsec::port_extensions_dvsec())?;
         config.add_ext_capability(&dvsec::gpf_port_dvsec())?;
         config.add_ext_capability(&dvsec::flex_bus_port_dvsec())?;
@@ -131,12 +61,9 @@ impl CxlRootPort {
             offset: 0,
         }]))?;
         Ok(CxlRootPort {
-            config,
-            msix,
+            core,
             component: ComponentRegisters::new(true, None),
             port_number: cfg.port_number,
-            pcie_offset,
-            aer_offset,
         })
     }
 
@@ -147,22 +74,22 @@ impl CxlRootPort {
 
     /// Offset of the PCI Express capability.
     pub fn pcie_offset(&self) -> u16 {
-        self.pcie_offset
+        self.core.pcie_offset()
     }
 
     /// Offset of the AER extended capability.
     pub fn aer_offset(&self) -> u16 {
-        self.aer_offset
+        self.core.aer_offset()
     }
 
     /// Config space (device-side view).
     pub fn config(&self) -> &ConfigSpace {
-        &self.config
+        self.core.config()
     }
 
     /// Config space, mutably (to raise status bits).
     pub fn config_mut(&mut self) -> &mut ConfigSpace {
-        &mut self.config
+        self.core.config_mut()
     }
 
     /// Component registers (RAS).
@@ -177,25 +104,24 @@ impl CxlRootPort {
 
     /// Signals MSI-X `vector` (PME, AER, …).
     pub fn trigger(&mut self, vector: u16) -> MsixTriggerResult {
-        self.msix.trigger(vector)
+        self.core.trigger(vector)
     }
 }
 
 impl PciDevice for CxlRootPort {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data);
+        self.core.config_read(offset, data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.config.write(offset, data);
-        self.msix.config_written(&self.config, offset, data.len());
+        self.core.config_write(offset, data);
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
         match bar {
             COMPONENT_BAR => self.component.read(offset, data),
             _ => {
-                if !self.msix.bar_read(bar, offset, data) {
+                if !self.core.msix_bar_read(bar, offset, data) {
                     data.fill(0);
                 }
             }
@@ -206,7 +132,7 @@ impl PciDevice for CxlRootPort {
         match bar {
             COMPONENT_BAR => self.component.write(offset, data),
             _ => {
-                if !self.msix.bar_write(bar, offset, data) {
+                if !self.core.msix_bar_write(bar, offset, data) {
                     log::debug!("cxl root port: ignoring BAR{bar} write at {offset:#x}");
                 }
             }
@@ -214,11 +140,11 @@ impl PciDevice for CxlRootPort {
     }
 
     fn bars(&self) -> Vec<BarInfo> {
-        self.config.bars()
+        self.core.bars()
     }
 
     fn set_requester_id(&mut self, requester_id: RequesterId) {
-        self.msix.set_requester_id(requester_id);
+        self.core.set_requester_id(requester_id);
     }
 
     fn name(&self) -> &str {
@@ -251,9 +177,9 @@ mod tests {
 
     #[test]
     fn dport_view_matches_linux() {
-        let mut p = CxlRootPort::new(CxlRootPortConfig::new(7), Arc::new(NullMsiSink)).unwrap();
+        let mut p = CxlRootPort::new(RootPortConfig::cxl(7), Arc::new(NullMsiSink)).unwrap();
         assert_eq!(p.port_number(), 7);
-        assert_eq!(cfg32(&mut p, 8) >> 8, ids::CLASS_PCI_BRIDGE);
+        assert_eq!(cfg32(&mut p, 8) >> 8, crate::pci::ids::CLASS_PCI_BRIDGE);
         assert_eq!(cfg32(&mut p, 0x0c) >> 16 & 0x7f, 1, "type 1 header");
         let mut rd = |o: u16, b: &mut [u8]| p.config_read(o, b);
         let pcie = u16::from(find_capability(&mut rd, cap_id::PCI_EXPRESS).unwrap());
@@ -316,7 +242,7 @@ mod tests {
     #[test]
     fn msix_through_bar1() {
         let sink = Arc::new(RecordingMsiSink::new());
-        let mut p = CxlRootPort::new(CxlRootPortConfig::new(1), sink.clone()).unwrap();
+        let mut p = CxlRootPort::new(RootPortConfig::cxl(1), sink.clone()).unwrap();
         p.set_requester_id(RequesterId::new(0, 2, 0));
         p.bar_write(MSIX_BAR, 0, &0xfee0_0000u32.to_le_bytes());
         p.bar_write(MSIX_BAR, 8, &0x23u32.to_le_bytes());
@@ -329,7 +255,7 @@ mod tests {
         p.config_write(cap + 2, &0x8000u16.to_le_bytes());
         assert_eq!(p.trigger(0), MsixTriggerResult::Delivered);
         assert_eq!(sink.take()[0].requester_id, RequesterId::new(0, 2, 0));
-        let mut c = CxlRootPortConfig::new(0);
+        let mut c = RootPortConfig::cxl(0);
         c.msix_vectors = 0;
         assert!(CxlRootPort::new(c, Arc::new(NullMsiSink)).is_err());
     }

@@ -434,9 +434,10 @@ mod tests {
     use crate::cxl::component::{HDM_OFFSET, hdm};
     use crate::cxl::device_regs::{MAILBOX_OFFSET, MEMDEV_OFFSET, mbox};
     use crate::cxl::dvsec::{device, find_dvsec, id};
-    use crate::cxl::root_port::{CxlRootPort, CxlRootPortConfig};
+    use crate::cxl::root_port::CxlRootPort;
     use crate::cxl::testutil::{RecordingListener, Rng};
     use crate::cxl::{DecodeTarget, UnsupportedMailbox, mbox_rc};
+    use crate::pci::RootPortConfig;
     use crate::pci::capability::{cap_id, find_capability};
     use crate::pci::{BridgeResources, PciAddress, PciRootComplex, PciWindows};
 
@@ -705,7 +706,7 @@ mod tests {
         let sink = Arc::new(RecordingMsiSink::new());
         let l = Arc::new(RecordingListener::default());
         let mut rc = PciRootComplex::new(PciWindows::default()).unwrap();
-        let port = CxlRootPort::new(CxlRootPortConfig::new(3), sink.clone()).unwrap();
+        let port = CxlRootPort::new(RootPortConfig::cxl(3), sink.clone()).unwrap();
         let bus = rc
             .add_bridge(
                 PciAddress::new(0, 2, 0).unwrap(),

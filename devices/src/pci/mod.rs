@@ -67,7 +67,7 @@ pub use host_bridge::HostBridge;
 pub use msix::{MsixCapability, MsixTable, MsixTriggerResult};
 pub use pcie::{LinkSpeed, PcieCapabilityConfig, PciePortType};
 pub use root_complex::{BridgeResources, PciRootComplex, PciWindows};
-pub use root_port::{RootPort, RootPortConfig};
+pub use root_port::{RootPort, RootPortConfig, RootPortCore};
 
 /// Vendor and device IDs of the functions this crate provides.
 ///

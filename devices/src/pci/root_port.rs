@@ -45,20 +45,38 @@ impl RootPortConfig {
             msix_vectors: 1,
         }
     }
+
+    /// A CXL root port's: 32 GT/s x16 (CXL 2.0 runs on PCIe 5.0 PHYs), one MSI-X vector.
+    pub fn cxl(port_number: u8) -> Self {
+        RootPortConfig {
+            link_speed: LinkSpeed::Gt32,
+            ..Self::new(port_number)
+        }
+    }
 }
 
-/// A root port.
+/// What every root port is (the bridge core shared by [`RootPort`] and the CXL root port): a
+/// type 1 header (bus numbers and windows as plain registers the root complex routes by), the
+/// PCI Express capability (port type 4, Port Number), MSI-X in `msix_bar` (table at 0, PBA at
+/// 0x800), Power Management, and AER at 0x100. A port that needs more (DVSECs, a register
+/// block BAR) adds them to [`RootPortCore::config_mut`] and serves its own BARs.
 #[derive(Debug)]
-pub struct RootPort {
+pub struct RootPortCore {
     config: ConfigSpace,
     msix: MsixCapability,
     pcie_offset: u16,
     aer_offset: u16,
 }
 
-impl RootPort {
-    /// Builds a root port delivering its interrupts to `msi`.
-    pub fn new(cfg: RootPortConfig, msi: Arc<dyn MsiSink>) -> Result<Self, PciError> {
+impl RootPortCore {
+    /// Builds the core. `other_bars` (index, size) are 32-bit memory BARs the port serves
+    /// itself; the MSI-X BAR is [`ROOT_PORT_BAR0_SIZE`] bytes at `msix_bar`.
+    pub fn new(
+        cfg: RootPortConfig,
+        msix_bar: u8,
+        other_bars: &[(u8, u64)],
+        msi: Arc<dyn MsiSink>,
+    ) -> Result<Self, PciError> {
         if cfg.msix_vectors == 0 || cfg.msix_vectors > 128 {
             return Err(PciError::InvalidMsix("root port supports 1..=128 vectors"));
         }
@@ -73,7 +91,10 @@ impl RootPort {
                 subsystem_id: 0,
             },
         );
-        config.add_bar(0, ROOT_PORT_BAR0_SIZE, BarKind::Memory32, false)?;
+        for &(index, size) in other_bars {
+            config.add_bar(index, size, BarKind::Memory32, false)?;
+        }
+        config.add_bar(msix_bar, ROOT_PORT_BAR0_SIZE, BarKind::Memory32, false)?;
 
         let mut pcie = PcieCapabilityConfig::root_port(cfg.port_number);
         pcie.link_speed = cfg.link_speed;
@@ -84,9 +105,9 @@ impl RootPort {
             &mut config,
             MsixLayout {
                 num_vectors: cfg.msix_vectors,
-                table_bar: 0,
+                table_bar: msix_bar,
                 table_offset: 0,
-                pba_bar: 0,
+                pba_bar: msix_bar,
                 pba_offset: 0x800,
             },
             msi,
@@ -94,7 +115,7 @@ impl RootPort {
         )?;
         config.add_capability(&power_management_capability())?;
         let aer_offset = config.add_ext_capability(&aer_capability(true))?;
-        Ok(RootPort {
+        Ok(RootPortCore {
             config,
             msix,
             pcie_offset,
@@ -117,7 +138,7 @@ impl RootPort {
         &self.config
     }
 
-    /// Config space, mutably (to raise status bits).
+    /// Config space, mutably (to add capabilities, raise status bits).
     pub fn config_mut(&mut self) -> &mut ConfigSpace {
         &mut self.config
     }
@@ -126,36 +147,106 @@ impl RootPort {
     pub fn trigger(&mut self, vector: u16) -> MsixTriggerResult {
         self.msix.trigger(vector)
     }
-}
 
-impl PciDevice for RootPort {
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+    /// A guest config read.
+    pub fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.config.read(offset, data);
     }
 
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
+    /// A guest config write (MSI-X sees its control register change).
+    pub fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
         self.msix.config_written(&self.config, offset, data.len());
     }
 
+    /// A guest read of the MSI-X table or PBA; false if `bar`/`offset` is neither.
+    pub fn msix_bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> bool {
+        self.msix.bar_read(bar, offset, data)
+    }
+
+    /// A guest write of the MSI-X table or PBA; false if `bar`/`offset` is neither.
+    pub fn msix_bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> bool {
+        self.msix.bar_write(bar, offset, data)
+    }
+
+    /// The BARs as the guest programmed them.
+    pub fn bars(&self) -> Vec<BarInfo> {
+        self.config.bars()
+    }
+
+    /// The port's own requester ID (its MSI-X messages carry it).
+    pub fn set_requester_id(&mut self, requester_id: RequesterId) {
+        self.msix.set_requester_id(requester_id);
+    }
+}
+
+/// A root port.
+#[derive(Debug)]
+pub struct RootPort {
+    core: RootPortCore,
+}
+
+impl RootPort {
+    /// Builds a root port delivering its interrupts to `msi`.
+    pub fn new(cfg: RootPortConfig, msi: Arc<dyn MsiSink>) -> Result<Self, PciError> {
+        Ok(RootPort {
+            core: RootPortCore::new(cfg, 0, &[], msi)?,
+        })
+    }
+
+    /// Offset of the PCI Express capability.
+    pub fn pcie_offset(&self) -> u16 {
+        self.core.pcie_offset()
+    }
+
+    /// Offset of the AER extended capability.
+    pub fn aer_offset(&self) -> u16 {
+        self.core.aer_offset()
+    }
+
+    /// Config space (device-side view).
+    pub fn config(&self) -> &ConfigSpace {
+        self.core.config()
+    }
+
+    /// Config space, mutably (to raise status bits).
+    pub fn config_mut(&mut self) -> &mut ConfigSpace {
+        self.core.config_mut()
+    }
+
+    /// Signals MSI-X `vector` (PME, AER, …).
+    pub fn trigger(&mut self, vector: u16) -> MsixTriggerResult {
+        self.core.trigger(vector)
+    }
+}
+
+impl PciDevice for RootPort {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.core.config_read(offset, data);
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        self.core.config_write(offset, data);
+    }
+
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-        if !self.msix.bar_read(bar, offset, data) {
+        if !self.core.msix_bar_read(bar, offset, data) {
             data.fill(0xff);
         }
     }
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        if !self.msix.bar_write(bar, offset, data) {
+        if !self.core.msix_bar_write(bar, offset, data) {
             log::debug!("root port: ignoring BAR{bar} write at {offset:#x}");
         }
     }
 
     fn bars(&self) -> Vec<BarInfo> {
-        self.config.bars()
+        self.core.bars()
     }
 
     fn set_requester_id(&mut self, requester_id: RequesterId) {
-        self.msix.set_requester_id(requester_id);
+        self.core.set_requester_id(requester_id);
     }
 
     fn name(&self) -> &str {
@@ -209,7 +300,7 @@ mod tests {
         p.bar_write(0, 0, &0xfee0_0000u32.to_le_bytes());
         p.bar_write(0, 8, &0x23u32.to_le_bytes());
         p.bar_write(0, 12, &0u32.to_le_bytes());
-        let ctl = p.msix.cap_offset() + 2;
+        let ctl = p.core.msix.cap_offset() + 2;
         p.config_write(ctl, &0x8000u16.to_le_bytes());
         assert_eq!(p.trigger(0), MsixTriggerResult::BusMasterDisabled);
         // Linux's portdrv calls pci_set_master().
