@@ -9,6 +9,8 @@
 //! Module map:
 //! - [`config`]: 4 KiB config space with write / write-1-to-clear masks, type 0/1 headers, BARs;
 //! - [`capability`]: capability builders (PM, AER, VSEC, DVSEC, generic) and list walkers;
+//! - [`address_translation`]: ATS, PASID and PRI capabilities and their enable/reset/status
+//!   semantics ([`address_translation::AddressTranslation`] reports each change to the device);
 //! - [`pcie`]: the PCI Express capability;
 //! - [`msix`]: MSI-X capability and table/PBA;
 //! - [`function`]: [`SharedFunction`] (a function the root complex and the VMM both hold) and
@@ -45,6 +47,7 @@
 //! # }
 //! ```
 
+pub mod address_translation;
 pub mod capability;
 pub mod config;
 pub mod function;
