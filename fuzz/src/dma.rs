@@ -104,12 +104,12 @@ impl DmaTranslator for FuzzTranslator {
             AddressType::Translated => request.address,
             _ => request.address.wrapping_add(p.offset),
         };
-        Ok(Translation {
+        Ok(Translation::new(
             gpa,
             len,
-            read: p.deny_read_mask & page_bit == 0,
-            write: p.deny_write_mask & page_bit == 0,
-        })
+            p.deny_read_mask & page_bit == 0,
+            p.deny_write_mask & page_bit == 0,
+        ))
     }
 }
 
@@ -467,6 +467,8 @@ impl Harness {
         if let Some(p) = setup.pasid {
             dma = dma.with_pasid(Pasid::new(p & Pasid::MAX), p & (1 << 31) != 0);
         }
+        // The device under test is a bus master (Bus Master Enable's gate has its own unit test).
+        dma.set_bus_master(true);
         Harness {
             memory,
             dma,

@@ -1,10 +1,16 @@
 //! DMA API for device models, and the seams where the future VT-d model plugs in.
 //!
 //! Devices never touch KVM or guest memory directly. They get:
-//! - a [`DmaSpace`] bound to their PCIe requester ID (and optionally a PASID) for every access to
-//!   guest memory. Today the translation is the identity ([`IdentityTranslator`]); the VT-d model
-//!   will implement [`DmaTranslator`] (untranslated requests, ATS translation requests, translated
-//!   requests, PRI page requests) without devices changing;
+//! - a [`DmaSpace`] bound to their function ([`FunctionBinding`]: requester ID, which follows
+//!   bus renumbering, and Bus Master Enable, without which DMA is refused) and optionally a
+//!   PASID, for every access to guest memory. Today the translation is the identity
+//!   ([`IdentityTranslator`]); the VT-d model will implement [`DmaTranslator`] (untranslated
+//!   requests, ATS translation requests with the full [`Translation`], translated requests, PRI
+//!   page requests) without devices changing;
+//! - the way back from the IOMMU: a function with an ATC or page requests registers a
+//!   [`DeviceEndpoint`] ([`DmaSpace::register_endpoint`]) that receives device-TLB
+//!   invalidations ([`AtcInvalidation`], each with a [`Completion`] an invalidation wait can
+//!   wait for) and page group responses ([`PageResponse`]);
 //! - an [`MsiSink`] that delivers an MSI/MSI-X message (address, data, requester ID). The VMM
 //!   implements it (KVM_SIGNAL_MSI); VT-d interrupt remapping will hook in there.
 
@@ -12,8 +18,9 @@ mod dma;
 mod msi;
 
 pub use dma::{
-    AddressType, DmaAccess, DmaError, DmaRequest, DmaSpace, DmaTranslator, IdentityTranslator,
-    PageRequest, Translation,
+    AddressType, AtcInvalidation, Completion, DeviceEndpoint, DmaAccess, DmaError, DmaRequest,
+    DmaSpace, DmaTranslator, FunctionBinding, IdentityTranslator, PageRequest, PageResponse,
+    PageResponseCode, Translation,
 };
 pub use msi::{MsiError, MsiMessage, MsiSink, NullMsiSink, RecordingMsiSink};
 

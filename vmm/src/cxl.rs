@@ -728,6 +728,7 @@ mod tests {
         let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let memory = GuestMemoryAtomic::new(ram);
         let dma = iommu::DmaSpace::identity(iommu::RequesterId::new(2, 0, 0), memory.clone());
+        dma.set_bus_master(true);
         let hpa = crate::layout::CXL_WINDOW_START;
         // Not committed yet: DMA to the window fails.
         assert!(dma.write(hpa + 0x1000, b"early").is_err());
