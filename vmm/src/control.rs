@@ -1101,17 +1101,18 @@ mod tests {
         let _relay =
             Relay::start_with_wait(&sock, OwnedFd::from(outer), Duration::from_millis(300))
                 .unwrap();
-        // The "VMM inside" answers its first request only after the relay gave up on it.
+        // The "VMM inside" answers its first request only after the relay gave up on it: it
+        // holds the answer until the second request arrives (which the client sends only once
+        // the first timed out), then answers both at once. No timing assumption.
         let server = thread::spawn(move || {
             let mut w = inner.try_clone().unwrap();
             w.write_all(format!("{READY_LINE}\n").as_bytes()).unwrap();
             let mut r = BufReader::new(inner);
-            for n in 0..2 {
+            for _ in 0..2 {
                 let mut line = String::new();
                 r.read_line(&mut line).unwrap();
-                if n == 0 {
-                    thread::sleep(Duration::from_millis(600));
-                }
+            }
+            for n in 0..2 {
                 w.write_all(format!("{{\"ok\":true,\"result\":{n}}}\n").as_bytes())
                     .unwrap();
             }
