@@ -692,7 +692,7 @@ pub fn build_topology(
         let (function, device) = devices::pci::SharedFunction::new(device);
         let port = CxlRootPort::new(devices::pci::RootPortConfig::cxl(port_number), msi.clone())
             .map_err(|e| e.to_string())?;
-        platform.add_cxl_device(device_number, Box::new(port), Box::new(function))?;
+        platform.add_behind_root_port(device_number, Box::new(port), Box::new(function))?;
         ports.push(port_number);
         handles.push(CxlDeviceHandles {
             spec: spec.clone(),
@@ -706,7 +706,12 @@ pub fn build_topology(
     let host_bridge = Arc::new(Mutex::new(
         CxlHostBridge::new(hb_cfg).map_err(|e| e.to_string())?,
     ));
-    platform.set_cxl_host_bridge(host_bridge.clone());
+    platform.add_fixed_mmio(
+        "CXL host bridge registers (CHBCR)",
+        crate::layout::CXL_CHBCR_START,
+        crate::layout::CXL_CHBCR_SIZE,
+        host_bridge.clone(),
+    )?;
     Ok(CxlTopology {
         host_bridge,
         devices: handles,

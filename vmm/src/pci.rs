@@ -1,12 +1,19 @@
 //! The platform's PCIe side as seen from vCPU exits: the ECAM window and BAR dispatch into the
-//! devices crate's root complex (host bridge 00:00.0, root port 00:01.0 with its secondary bus).
+//! devices crate's root complex (host bridge 00:00.0, root port 00:01.0 with its secondary bus),
+//! plus the fixed MMIO regions platform devices own (the CXL host bridge's CHBCR; the VT-d
+//! DRHD next).
+//!
+//! Adding a device: a PCI function goes below a root port of its own
+//! ([`Platform::add_behind_root_port`]); a register block at a fixed address is a
+//! [`Platform::add_fixed_mmio`]. Nothing else in the VMM needs to change for the exits to reach
+//! it.
 
 use std::sync::{Arc, Mutex};
 
-use devices::bus::lock;
+use devices::bus::{Bus, BusDevice, lock};
 use devices::pci::{
-    BridgeResources, HostBridge, PciAddress, PciError, PciRootComplex, PciWindows, RootPort,
-    RootPortConfig,
+    BridgeResources, HostBridge, PciAddress, PciDevice, PciError, PciRootComplex, PciWindows,
+    RootPort, RootPortConfig,
 };
 use iommu::MsiSink;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -17,8 +24,8 @@ use crate::layout::*;
 pub struct Platform {
     root_complex: Mutex<PciRootComplex>,
     _memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    /// CXL host bridge component registers (CHBCR), when CXL devices are configured.
-    chbcr: Option<Arc<Mutex<devices::cxl::CxlHostBridge>>>,
+    /// Register blocks at fixed addresses (CXL CHBCR, …), decoded before ECAM and BARs.
+    fixed_mmio: Bus,
 }
 
 /// The BAR windows, from the memory map.
@@ -55,17 +62,18 @@ impl Platform {
         Ok(Self {
             root_complex: Mutex::new(rc),
             _memory: memory,
-            chbcr: None,
+            fixed_mmio: Bus::new(),
         })
     }
 
-    /// Adds a CXL root port at 00:`device`.0 and `endpoint` below it.
-    pub fn add_cxl_device(
+    /// Adds `port` (a root port, type 1) at 00:`device`.0 and `endpoint` as function 0 of its
+    /// secondary bus; returns the endpoint's address.
+    pub fn add_behind_root_port(
         &mut self,
         device: u8,
-        port: Box<dyn devices::pci::PciDevice>,
-        endpoint: Box<dyn devices::pci::PciDevice>,
-    ) -> Result<(), String> {
+        port: Box<dyn PciDevice>,
+        endpoint: Box<dyn PciDevice>,
+    ) -> Result<PciAddress, String> {
         let err = |e: PciError| e.to_string();
         let mut rc = lock(&self.root_complex);
         let bus = rc
@@ -75,21 +83,23 @@ impl Platform {
                 BridgeResources::default(),
             )
             .map_err(err)?;
-        rc.add_device(PciAddress::new(bus, 0, 0).map_err(err)?, endpoint)
-            .map_err(err)
+        let address = PciAddress::new(bus, 0, 0).map_err(err)?;
+        rc.add_device(address, endpoint).map_err(err)?;
+        Ok(address)
     }
 
-    /// Maps the CXL host bridge component registers at `CXL_CHBCR_START`.
-    pub fn set_cxl_host_bridge(&mut self, hb: Arc<Mutex<devices::cxl::CxlHostBridge>>) {
-        self.chbcr = Some(hb);
-    }
-
-    fn chbcr_offset(&self, addr: u64) -> Option<(&Mutex<devices::cxl::CxlHostBridge>, u64)> {
-        let hb = self.chbcr.as_ref()?;
-        let off = addr
-            .checked_sub(CXL_CHBCR_START)
-            .filter(|&o| o < CXL_CHBCR_SIZE)?;
-        Some((hb, off))
+    /// Maps `device`'s registers at the fixed range `[base, base + size)` (`name` is for
+    /// errors): CPU accesses there reach it with the offset into the range.
+    pub fn add_fixed_mmio(
+        &mut self,
+        name: &str,
+        base: u64,
+        size: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), String> {
+        self.fixed_mmio
+            .insert(device, base, size)
+            .map_err(|e| format!("{name}: {e}"))
     }
 
     fn ecam_offset(addr: u64) -> Option<u64> {
@@ -106,8 +116,7 @@ impl Platform {
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
-        if let Some((hb, off)) = self.chbcr_offset(addr) {
-            devices::bus::BusDevice::read(&mut *lock(hb), off, data);
+        if self.fixed_mmio.read(addr, data) {
             return true;
         }
         let mut rc = lock(&self.root_complex);
@@ -121,8 +130,7 @@ impl Platform {
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        if let Some((hb, off)) = self.chbcr_offset(addr) {
-            devices::bus::BusDevice::write(&mut *lock(hb), off, data);
+        if self.fixed_mmio.write(addr, data) {
             return true;
         }
         let mut rc = lock(&self.root_complex);
@@ -167,5 +175,34 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         // Outside the ECAM window and any BAR: not ours.
         assert!(!p.mmio_read(PCI_ECAM_START + PCI_ECAM_SIZE, &mut d));
+    }
+
+    /// A register block that remembers the last write.
+    struct Regs(Vec<(u64, Vec<u8>)>);
+    impl BusDevice for Regs {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn fixed_mmio_regions_get_their_offsets_and_may_not_overlap() {
+        let mut p = platform();
+        let regs = Arc::new(Mutex::new(Regs(Vec::new())));
+        p.add_fixed_mmio("test block", CXL_CHBCR_START, 0x1_0000, regs.clone())
+            .unwrap();
+        let mut d = [0u8; 4];
+        assert!(p.mmio_read(CXL_CHBCR_START + 0x24, &mut d));
+        assert_eq!(d, [0x24; 4]);
+        assert!(p.mmio_write(CXL_CHBCR_START + 0x10, &[1, 2]));
+        assert_eq!(lock(&regs).0, vec![(0x10, vec![1, 2])]);
+        assert!(!p.mmio_read(CXL_CHBCR_START + 0x1_0000, &mut d));
+        let err = p
+            .add_fixed_mmio("second block", CXL_CHBCR_START + 0x8000, 0x1000, regs)
+            .unwrap_err();
+        assert!(err.starts_with("second block: "), "{err}");
     }
 }
