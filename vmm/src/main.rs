@@ -96,7 +96,7 @@ enum HostMode {
     Nested,
 }
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq)]
 struct RunArgs {
     /// Kernel to boot: a bzImage or an uncompressed ELF vmlinux (PVH entry). Default: the
     /// project's pinned guest image.
@@ -232,7 +232,7 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let result = match cli.command {
-        Command::Run(args) => cmd_run(*args, started),
+        Command::Run(args) => cmd_run(*args, &cli.log_level, started),
         Command::Images { action } => cmd_images(action),
         Command::Host(args) => cmd_host(args),
         Command::Ctl(args) => ctl::run(&args).map(|()| 0).map_err(Failure::vmm),
@@ -251,7 +251,94 @@ fn main() -> ExitCode {
 /// Kernel command line the VMM always passes; `--cmdline` is appended.
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 quiet";
 
-fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
+impl RunArgs {
+    /// The command line (after `vmm run`) that parses back to exactly these arguments: how the
+    /// nested re-run hands them on. The destructuring names every field, so a new flag does
+    /// not compile until it is handed on too.
+    fn to_args(&self) -> Vec<OsString> {
+        let RunArgs {
+            kernel,
+            initrd,
+            cmdline,
+            cpus,
+            memory,
+            timeout,
+            profile,
+            host,
+            boot_time,
+            console,
+            console_log,
+            cxl_type3,
+            cxl_precommit,
+            cpuid_no_hypervisor,
+            guest_file,
+            control,
+            control_serial,
+            nested_nvdimm,
+            command,
+        } = self;
+        let mut a: Vec<OsString> = Vec::new();
+        let mut value = |flag: &str, v: &std::ffi::OsStr| {
+            let mut arg = OsString::from(format!("--{flag}="));
+            arg.push(v);
+            a.push(arg);
+        };
+        for (flag, path) in [
+            ("kernel", kernel),
+            ("initrd", initrd),
+            ("console-log", console_log),
+            ("control", control),
+            ("control-serial", control_serial),
+        ] {
+            if let Some(p) = path {
+                value(flag, p.as_os_str());
+            }
+        }
+        for (flag, v) in [
+            ("cmdline", cmdline),
+            ("cpus", cpus),
+            ("memory", memory),
+            ("profile", profile),
+        ] {
+            value(flag, v.as_ref());
+        }
+        if let Some(t) = timeout {
+            value("timeout", t.to_string().as_ref());
+        }
+        let host = match host {
+            HostMode::Auto => "auto",
+            HostMode::Direct => "direct",
+            HostMode::Nested => "nested",
+        };
+        value("host", host.as_ref());
+        for (flag, values) in [
+            ("cxl-type3", cxl_type3),
+            ("guest-file", guest_file),
+            ("nested-nvdimm", nested_nvdimm),
+        ] {
+            for v in values {
+                value(flag, v.as_ref());
+            }
+        }
+        for (flag, on) in [
+            ("boot-time", boot_time),
+            ("console", console),
+            ("cxl-precommit", cxl_precommit),
+            ("cpuid-no-hypervisor", cpuid_no_hypervisor),
+        ] {
+            if *on {
+                a.push(format!("--{flag}").into());
+            }
+        }
+        if !command.is_empty() {
+            a.push("--".into());
+            a.extend(command.iter().cloned());
+        }
+        a
+    }
+}
+
+fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failure> {
     let cpus: u32 = args.cpus.parse().map_err(|_| {
         Failure::vmm(format!(
             "invalid --cpus value '{}': expected a whole number",
@@ -352,7 +439,15 @@ fn cmd_run(args: RunArgs, started: Instant) -> Result<u8, Failure> {
         }
     };
     if use_nested {
-        return run_nested(&args, &cxl_devices, &kernel, initrd.as_ref(), memory, cpus);
+        return run_nested(
+            &args,
+            log_level,
+            &cxl_devices,
+            &kernel,
+            initrd.as_ref(),
+            memory,
+            cpus,
+        );
     }
     let control = match (&args.control, &args.control_serial) {
         (Some(path), _) => Some(vm::ControlEndpoint::Socket(std::sync::Arc::new(
@@ -576,6 +671,7 @@ fn guest_command_script(command: &[OsString]) -> Vec<u8> {
 
 fn run_nested(
     args: &RunArgs,
+    log_level: &str,
     cxl_devices: &[cxl::CxlType3Spec],
     kernel: &std::path::Path,
     initrd: Option<&PathBuf>,
@@ -584,30 +680,6 @@ fn run_nested(
 ) -> Result<u8, Failure> {
     let store = guest_images::ImageStore::from_env().map_err(Failure::vmm)?;
     let host_image = store.host().map_err(Failure::vmm)?;
-    let exe = std::env::current_exe().map_err(Failure::vmm)?;
-    let mut argv: Vec<OsString> = vec![
-        exe.into_os_string(),
-        "run".into(),
-        "--host=direct".into(),
-        "--kernel".into(),
-        absolute(kernel).into_os_string(),
-        format!("--cpus={cpus}").into(),
-        format!("--memory={}", args.memory).into(),
-        format!("--cmdline={}", args.cmdline).into(),
-    ];
-    if let Some(i) = initrd {
-        argv.push("--initrd".into());
-        argv.push(absolute(i).into_os_string());
-    }
-    if let Some(t) = args.timeout {
-        argv.push(format!("--timeout={t}").into());
-    }
-    if args.boot_time {
-        argv.push("--boot-time".into());
-    }
-    for spec in &args.cxl_type3 {
-        argv.push(format!("--cxl-type3={}", absolute_cxl_paths(spec)).into());
-    }
     // Label storage areas stay files the VMM inside reads and writes (through 9p): they must be
     // the same files in there. (Backing files may lie anywhere: they go in as NVDIMMs.)
     for device in cxl_devices {
@@ -628,39 +700,32 @@ fn run_nested(
             size: d.total(),
         })
         .collect();
-    for (slot, file) in shared_files.iter().enumerate() {
-        let mut arg = OsString::from(format!("--nested-nvdimm={slot}:"));
-        arg.push(file.path.as_os_str());
-        argv.push(arg);
-    }
-    if args.cxl_precommit {
-        argv.push("--cxl-precommit".into());
-    }
-    if args.cpuid_no_hypervisor {
-        argv.push("--cpuid-no-hypervisor".into());
-    }
-    if args.console {
-        argv.push("--console".into());
-    }
-    if let Some(log) = &args.console_log {
-        argv.push("--console-log".into());
-        argv.push(absolute(log).into_os_string());
-    }
-    for spec in &args.guest_file {
-        // Validated already; the nested re-run needs absolute sources.
-        let f = GuestFile::parse(spec)?;
-        let mut arg = OsString::from("--guest-file=");
-        arg.push(f.source.as_os_str());
-        arg.push(":");
-        arg.push(&f.dest);
-        argv.push(arg);
-    }
-    if !args.command.is_empty() {
-        argv.push("--".into());
-        argv.extend(args.command.iter().cloned());
-    }
+    // The run inside: the same arguments, made absolute, pointed at this machine's /dev/kvm
+    // one level down, with the devices' media and the control link as the host provides them.
+    let mut inner = args.clone();
+    inner.host = HostMode::Direct;
+    inner.kernel = Some(absolute(kernel));
+    inner.initrd = initrd.map(|i| absolute(i));
+    inner.cpus = cpus.to_string();
+    inner.cxl_type3 = args
+        .cxl_type3
+        .iter()
+        .map(|s| absolute_cxl_paths(s))
+        .collect();
+    inner.nested_nvdimm = shared_files
+        .iter()
+        .enumerate()
+        .map(|(slot, file)| format!("{slot}:{}", file.path.display()))
+        .collect();
+    inner.console_log = args.console_log.as_deref().map(absolute);
+    inner.guest_file = args
+        .guest_file
+        .iter()
+        .map(|spec| GuestFile::parse(spec).map(|f| format!("{}:{}", f.source.display(), f.dest)))
+        .collect::<Result<_, _>>()?;
     // The control socket is ours (outside); requests reach the VMM inside over the nested
     // host's control serial port.
+    inner.control = None;
     let mut control_port = None;
     let _relay = match &args.control {
         Some(path) => {
@@ -669,14 +734,18 @@ fn run_nested(
             let relay = control::Relay::start(path, std::os::fd::OwnedFd::from(ours))
                 .map_err(Failure::vmm)?;
             control_port = Some(std::sync::Arc::new(std::os::fd::OwnedFd::from(theirs)));
-            argv.insert(
-                argv.len() - args.command.len() - usize::from(!args.command.is_empty()),
-                format!("--control-serial={}", host::CONTROL_PORT_TTY).into(),
-            );
+            inner.control_serial = Some(PathBuf::from(host::CONTROL_PORT_TTY));
             Some(relay)
         }
         None => None,
     };
+    let exe = std::env::current_exe().map_err(Failure::vmm)?;
+    let mut argv: Vec<OsString> = vec![
+        exe.into_os_string(),
+        format!("--log-level={log_level}").into(),
+        "run".into(),
+    ];
+    argv.extend(inner.to_args());
     if let Some(t) = args.timeout {
         arm_nested_watchdog(Duration::from_secs_f64(t) + NESTED_TIMEOUT_MARGIN);
     }
@@ -855,4 +924,71 @@ fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
     };
     let status = run_nested_with_retry(&opts, &command).map_err(host_failure)?;
     u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_run(args: &[OsString]) -> RunArgs {
+        let mut argv: Vec<OsString> = vec!["vmm".into(), "run".into()];
+        argv.extend(args.iter().cloned());
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Run(run) => *run,
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
+    /// The nested re-run hands every argument on: what `to_args` prints parses back to the same
+    /// arguments, with every flag set (values with commas, spaces, '=' and a leading '-').
+    #[test]
+    fn run_arguments_survive_the_round_trip_to_the_nested_host() {
+        let full: Vec<OsString> = [
+            "--kernel=/k/bz Image",
+            "--initrd=/k/initrd,1",
+            "--cmdline=-x a=b c",
+            "--cpus=3",
+            "--memory=1G",
+            "--timeout=12.5",
+            "--profile=6.12",
+            "--host=nested",
+            "--boot-time",
+            "--console",
+            "--console-log=/tmp/con.log",
+            "--cxl-type3=volatile=256M,persistent=0,backing=/b/a.img",
+            "--cxl-type3=volatile=0,persistent=256M,backing=/b/b.img,lsa=/b/b.lsa,id=x",
+            "--cxl-precommit",
+            "--cpuid-no-hypervisor",
+            "--guest-file=/bin/true:/t",
+            "--guest-file=/bin/false",
+            "--control=/tmp/ctl.sock",
+            "--control-serial=/dev/ttyS3",
+            "--nested-nvdimm=0:/b/a.img",
+            "--nested-nvdimm=1:/b/b.img",
+            "--",
+            "sh",
+            "-c",
+            "echo --not-a-flag",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let args = parse_run(&full);
+        assert_eq!(args.cxl_type3.len(), 2);
+        assert_eq!(args.command.len(), 3);
+        assert_eq!(parse_run(&args.to_args()), args);
+        // Defaults stay defaults.
+        let bare = parse_run(&[]);
+        assert_eq!(parse_run(&bare.to_args()), bare);
+    }
+
+    #[test]
+    fn nested_nvdimm_needs_a_slot_and_an_absolute_path() {
+        assert_eq!(
+            parse_nested_nvdimm("2:/a:b.img").unwrap(),
+            (PathBuf::from("/a:b.img"), 2)
+        );
+        for bad in ["", "x:/a", "1:rel", "/a", "1"] {
+            assert!(parse_nested_nvdimm(bad).is_err(), "{bad}");
+        }
+    }
 }
