@@ -7,7 +7,9 @@
 //!   configuration mechanism #1, MSI-X, bridge programming, BAR moves);
 //! - [`pio`]: the legacy port-I/O devices behind a `devices::bus::Bus`, dispatched like the
 //!   VMM's vCPU loop (bus first, then the PCI config ports);
-//! - [`dma`]: `iommu::DmaSpace` over a small guest memory with holes.
+//! - [`dma`]: `iommu::DmaSpace` over a small guest memory with holes;
+//! - [`vtd`]: the VT-d remapping unit's register file, with the unit's own events between
+//!   guest accesses.
 //!
 //! The same `run` functions serve the libFuzzer targets (`fuzz_targets/`), the stable replay test
 //! (`tests/replay.rs`, over `corpus/`), and the replay binaries (`cargo run --bin TARGET -- FILE`).
@@ -19,6 +21,7 @@ pub mod dma;
 pub mod pci;
 pub mod pio;
 pub mod seeds;
+pub mod vtd;
 
 /// Most operations decoded from one input; longer inputs are truncated (keeps runs short).
 pub const MAX_OPS: usize = 2048;

@@ -16,6 +16,7 @@
 
 mod dma;
 mod msi;
+pub mod vtd;
 
 pub use dma::{
     AddressType, AtcInvalidation, Completion, DeviceEndpoint, DmaAccess, DmaError, DmaRequest,

@@ -1,0 +1,126 @@
+//! VT-d register file harness: arbitrary guest register accesses (any width and offset in and
+//! past the 4 KiB window) interleaved with what the remapping unit does on its side (record a
+//! fault, report a queue error, complete an invalidation wait, advance the queue head), against
+//! `iommu::vtd::registers::RegisterFile`.
+//!
+//! Input: byte 0 picks the configuration (bit 0 scalable, bit 1 caching mode, bit 2 39-bit,
+//! bits 7:3 fault records). Then operations of 12 bytes: kind (bits 1:0 read / write / unit
+//! event / reset of nothing; bits 7:4 the width byte, see `crate::width`), offset (2 bytes, modulo
+//! 0x1100), value (8 bytes), extra (1 byte: the unit event and its fields).
+//!
+//! Invariants after every operation: CAP, ECAP and VER never change; GCMD reads 0; GSTS holds
+//! only TE, RTPS and QIES; FSTS.PPF is set exactly when a fault record has F set; FRI names an
+//! existing record; the queue indices fit the queue; a write never asks for an action the
+//! configuration cannot do.
+
+use iommu::vtd::registers::{
+    FaultRecord, RegisterAction, RegisterFile, VtdConfig, fsts, global, offset,
+};
+
+/// Fuzz target `vtd_registers`.
+pub fn run_registers(data: &[u8]) {
+    let Some((&setup, mut ops)) = data.split_first() else {
+        return;
+    };
+    let config = VtdConfig {
+        scalable: setup & 1 != 0,
+        caching_mode: setup & 2 != 0,
+        address_width: if setup & 4 != 0 { 39 } else { 48 },
+        fault_records: u16::from(setup >> 3),
+    };
+    let mut regs = RegisterFile::new(config);
+    let (cap, ecap) = config.capabilities();
+    let mut steps = 0;
+    while ops.len() >= 12 && steps < crate::MAX_OPS {
+        let (op, rest) = ops.split_at(12);
+        ops = rest;
+        steps += 1;
+        let kind = op[0] & 3;
+        let width = crate::width(op[0] >> 4);
+        let off = u64::from(u16::from_le_bytes([op[1], op[2]])) % 0x1100;
+        let value = u64::from_le_bytes(op[3..11].try_into().expect("8 bytes"));
+        let extra = op[11];
+        match kind {
+            0 => {
+                let mut buf = vec![0u8; width];
+                regs.read(off, &mut buf);
+            }
+            1 => {
+                let bytes = value.to_le_bytes();
+                let mut data = bytes[..width.min(8)].to_vec();
+                data.resize(width, 0xa5);
+                for action in regs.write(off, &data) {
+                    if let RegisterAction::QueueTail(_) = action {
+                        assert!(regs.queued_invalidation_enabled(), "tail action, queue off");
+                    }
+                }
+            }
+            2 => match extra & 3 {
+                0 => {
+                    let _ = regs.record_fault(FaultRecord {
+                        source_id: value as u16,
+                        pasid: (extra & 4 != 0).then_some((value >> 16) as u32),
+                        address: value,
+                        reason: (value >> 56) as u8,
+                        write: extra & 8 != 0,
+                        execute: extra & 16 != 0,
+                        privileged: extra & 32 != 0,
+                    });
+                }
+                1 => {
+                    let _ = regs.queue_error(value);
+                }
+                2 => {
+                    let _ = regs.invalidation_complete();
+                }
+                _ => regs.set_queue_head(value % 0x8000),
+            },
+            _ => {}
+        }
+        check(&regs, cap, ecap);
+    }
+}
+
+fn read32(regs: &RegisterFile, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    regs.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn read64(regs: &RegisterFile, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    regs.read(off, &mut b);
+    u64::from_le_bytes(b)
+}
+
+fn check(regs: &RegisterFile, cap: u64, ecap: u64) {
+    assert_eq!(read64(regs, offset::CAP), cap, "CAP changed");
+    assert_eq!(read64(regs, offset::ECAP), ecap, "ECAP changed");
+    assert_eq!(read32(regs, offset::VER), 0x10, "VER changed");
+    assert_eq!(read32(regs, offset::GCMD), 0, "GCMD is write-only");
+    let gsts = read32(regs, offset::GSTS);
+    assert_eq!(
+        gsts & !(global::TE | global::SRTP | global::QIE),
+        0,
+        "GSTS {gsts:#x} reports a feature the unit lacks"
+    );
+    let records = (((cap >> 40) & 0xff) + 1) as usize;
+    let fro = ((cap >> 24) & 0x3ff) * 16;
+    let any_f = (0..records).any(|i| read32(regs, fro + 16 * i as u64 + 12) & (1 << 31) != 0);
+    let status = read32(regs, offset::FSTS);
+    assert_eq!(
+        status & fsts::PPF != 0,
+        any_f,
+        "PPF {status:#x} vs the records"
+    );
+    assert!(
+        ((status >> fsts::FRI_SHIFT) & 0xff) < records as u32,
+        "FRI past the records"
+    );
+    let (_, entries, _, head, tail) = regs.queue();
+    assert!(entries >= 128, "queue of {entries} entries");
+    assert!(
+        head < 0x8000 && tail < 0x8000,
+        "queue indices {head}/{tail}"
+    );
+}

@@ -1,0 +1,12 @@
+//! The Intel VT-d remapping hardware model (Intel Virtualization Technology for Directed I/O
+//! Architecture Specification, rev 4.1), organised like the specification's chapters:
+//! - [`registers`]: the register file of a remapping unit (chapter 11), with the Global
+//!   Command/Status semantics Linux relies on, fault recording and the invalidation queue
+//!   registers.
+//!
+//! Still to come (issue 8): the root/context and scalable-mode PASID tables (chapter 9), the
+//! second- and first-stage walks (chapter 3), the IOTLB and context/PASID caches (chapter 6),
+//! the invalidation queue's descriptors (6.5.2) and fault reporting (chapter 7) — the
+//! `DmaTranslator` the devices' DMA goes through.
+
+pub mod registers;
