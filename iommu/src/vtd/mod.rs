@@ -2,11 +2,14 @@
 //! Architecture Specification, rev 4.1), organised like the specification's chapters:
 //! - [`registers`]: the register file of a remapping unit (chapter 11), with the Global
 //!   Command/Status semantics Linux relies on, fault recording and the invalidation queue
-//!   registers.
+//!   registers;
+//! - [`tables`]: legacy-mode root and context entries and the second-stage walk (chapters 9
+//!   and 3.6), with the architected fault reasons.
 //!
-//! Still to come (issue 8): the root/context and scalable-mode PASID tables (chapter 9), the
-//! second- and first-stage walks (chapter 3), the IOTLB and context/PASID caches (chapter 6),
-//! the invalidation queue's descriptors (6.5.2) and fault reporting (chapter 7) — the
-//! `DmaTranslator` the devices' DMA goes through.
+//! Still to come (issue 8): the scalable-mode root/context entries and PASID tables, the
+//! first-stage walk, the IOTLB and context/PASID caches (chapter 6), the invalidation queue's
+//! descriptors (6.5.2) and fault reporting (chapter 7) — the `DmaTranslator` the devices' DMA
+//! goes through.
 
 pub mod registers;
+pub mod tables;
