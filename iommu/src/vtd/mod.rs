@@ -13,3 +13,4 @@
 
 pub mod registers;
 pub mod tables;
+pub mod unit;

@@ -401,6 +401,12 @@ impl RegisterFile {
         self.raise_fault_status(fsts::IQE)
     }
 
+    /// A device-TLB invalidation did not complete in time: sets FSTS.ITE. Returns whether the
+    /// fault event MSI must be sent now.
+    pub fn invalidation_time_out(&mut self) -> bool {
+        self.raise_fault_status(fsts::ITE)
+    }
+
     /// An invalidation wait descriptor asked for completion status: sets ICS.IWC. Returns
     /// whether the invalidation event MSI must be sent now.
     pub fn invalidation_complete(&mut self) -> bool {
