@@ -216,6 +216,18 @@ fn cxl_files_in_use_by_another_run_are_refused_naming_the_holder() {
 }
 
 #[test]
+fn bad_iommu_spec_is_one_line_error() {
+    for (bad, needle) in [
+        ("amd", "unknown IOMMU 'amd'"),
+        ("vtd,aw-bits=57", "aw-bits=57"),
+        ("vtd,scalable=maybe", "scalable=maybe"),
+    ] {
+        let run = vmm(["run", "--iommu", bad, "--", "true"]);
+        assert_one_line_error(&run, needle);
+    }
+}
+
+#[test]
 fn bad_guest_file_is_one_line_error() {
     let run = vmm(["run", "--guest-file", "/no/such/tool", "--", "true"]);
     assert_one_line_error(&run, "/no/such/tool");

@@ -7,6 +7,7 @@
 //! 0xc000_0000 .. 0xe000_0000  PCI MMIO32 window (BARs)
 //! 0xe000_0000 .. 0xf000_0000  PCIe ECAM, buses 0..=255 (reserved in E820, PNP0C02 _CRS, MCFG)
 //! 0xfec0_0000                 IOAPIC
+//! 0xfed9_0000                 VT-d remapping unit registers (DRHD), with --iommu vtd
 //! 0xfee0_0000                 local APIC
 //! 0x1_0000_0000 ..            high RAM (the rest of guest memory)
 //! 0x80_0000_0000 ..           PCI MMIO64 window (64 GiB; below 2^40 so 40-bit-PA CPUs reach it)
@@ -54,6 +55,10 @@ pub const PCI_ECAM_BUS_END: u8 = 255;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
 pub const APIC_START: u64 = 0xfee0_0000;
+/// The VT-d remapping unit's 4 KiB register window (the DMAR's DRHD register base), where
+/// QEMU's intel-iommu puts it too.
+pub const VTD_DRHD_START: u64 = 0xfed9_0000;
+pub const VTD_DRHD_SIZE: u64 = 0x1000;
 /// Start of RAM above the 32-bit hole.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// PCI 64-bit MMIO window for BARs.

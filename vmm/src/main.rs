@@ -21,6 +21,7 @@ mod nested_memory;
 mod pci;
 mod signals;
 mod vm;
+mod vtd;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -166,6 +167,11 @@ struct RunArgs {
     /// event injection, device state. A stale socket there is replaced, any other file refused.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Add an Intel VT-d IOMMU (DMA remapping) and boot the guest with `intel_iommu=on`:
+    /// `vtd[,scalable=on|off][,caching-mode=on|off][,aw-bits=39|48]` (defaults: scalable mode,
+    /// no caching mode, 48-bit).
+    #[arg(long, value_name = "SPEC")]
+    iommu: Option<String>,
     /// Internal (nested host): serve the control API on this serial port.
     #[arg(long, value_name = "TTY", hide = true)]
     control_serial: Option<PathBuf>,
@@ -272,6 +278,7 @@ impl RunArgs {
             cxl_precommit,
             cpuid_no_hypervisor,
             guest_file,
+            iommu,
             control,
             control_serial,
             nested_nvdimm,
@@ -304,6 +311,9 @@ impl RunArgs {
         }
         if let Some(t) = timeout {
             value("timeout", t.to_string().as_ref());
+        }
+        if let Some(spec) = iommu {
+            value("iommu", spec.as_ref());
         }
         let host = match host {
             HostMode::Auto => "auto",
@@ -362,6 +372,12 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         .enumerate()
         .map(|(i, spec)| cxl::CxlType3Spec::parse(spec, i).map_err(Failure::vmm))
         .collect::<Result<Vec<_>, _>>()?;
+    let iommu = args
+        .iommu
+        .as_deref()
+        .map(vtd::VtdSpec::parse)
+        .transpose()
+        .map_err(Failure::vmm)?;
     if args.cxl_precommit && cxl_devices.is_empty() {
         return Err(Failure::vmm(
             "--cxl-precommit needs at least one --cxl-type3 device",
@@ -469,6 +485,10 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         // --mode=devdax` can take it offline again. `--cmdline` can override it.
         cmdline.push_str(" memhp_default_state=online_movable");
     }
+    if iommu.is_some() {
+        // Debian builds the kernel with the IOMMU off by default.
+        cmdline.push_str(" intel_iommu=on");
+    }
     if !args.cmdline.trim().is_empty() {
         cmdline.push(' ');
         cmdline.push_str(args.cmdline.trim());
@@ -494,6 +514,7 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         hide_hypervisor: args.cpuid_no_hypervisor,
         control,
         nested_media,
+        iommu,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {
@@ -961,6 +982,7 @@ mod tests {
             "--cpuid-no-hypervisor",
             "--guest-file=/bin/true:/t",
             "--guest-file=/bin/false",
+            "--iommu=vtd,scalable=off",
             "--control=/tmp/ctl.sock",
             "--control-serial=/dev/ttyS3",
             "--nested-nvdimm=0:/b/a.img",

@@ -90,6 +90,8 @@ pub struct VmConfig {
     pub control: Option<ControlEndpoint>,
     /// Backing files the nested host has as NVDIMMs (path, slot), mapped from there.
     pub nested_media: Vec<(PathBuf, u32)>,
+    /// The VT-d remapping unit (`--iommu vtd`), if any.
+    pub iommu: Option<crate::vtd::VtdSpec>,
 }
 
 /// Where this VMM serves the control API.
@@ -457,6 +459,14 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         }
         Some(topology)
     };
+    // The VT-d remapping unit: its registers on the fixed MMIO, the DMAR describing it.
+    let vtd = match &config.iommu {
+        Some(spec) => Some(
+            crate::vtd::install(spec, guest_memory.clone(), msi_sink.clone(), &mut platform)
+                .map_err(VmError::Pci)?,
+        ),
+        None => None,
+    };
     let platform = Arc::new(platform);
     if let Some(endpoint) = &config.control {
         let target = crate::control::ControlTarget {
@@ -480,6 +490,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
     // ACPI tables and boot.
     let ram_ranges = memory::ram_ranges(config.memory);
     let mut acpi_config = acpi::AcpiConfig::new(config.cpus as u8, ram_ranges.clone());
+    acpi_config.dmar = vtd.as_ref().map(|(_, dmar)| *dmar);
     if let Some(topology) = &cxl_topology {
         // CXL memory gets its own NUMA node (proximity domain 1).
         acpi_config.cxl = Some(acpi::CxlConfig::from_layout(topology.window.size, 1));

@@ -90,6 +90,7 @@ use thiserror::Error;
 use crate::layout;
 
 mod cedt;
+mod dmar;
 mod dsdt;
 mod fadt;
 mod hmat;
@@ -98,6 +99,8 @@ mod mcfg;
 mod srat;
 
 use cedt::*;
+pub use dmar::DmarConfig;
+use dmar::*;
 use dsdt::*;
 use fadt::*;
 use hmat::*;
@@ -164,6 +167,8 @@ pub enum AcpiError {
     TooLarge { needed: u64, available: u64 },
     #[error("CXL: {0}")]
     InvalidCxl(&'static str),
+    #[error("DMAR: {0}")]
+    InvalidDmar(&'static str),
 }
 
 /// The PCI segment group behind the single host bridge `\_SB.PCI0`.
@@ -334,6 +339,9 @@ pub struct AcpiConfig {
     /// CXL host bridge and fixed memory windows: CEDT, ACPI0016/ACPI0017 in the DSDT, SRAT
     /// entries and the HMAT. `None` leaves every table as it is without CXL.
     pub cxl: Option<CxlConfig>,
+    /// A VT-d remapping unit: the DMAR with one DRHD for the whole PCI segment. `None`: no
+    /// DMAR (no IOMMU).
+    pub dmar: Option<DmarConfig>,
 }
 
 impl AcpiConfig {
@@ -350,6 +358,7 @@ impl AcpiConfig {
             extra_tables: Vec::new(),
             extra_dsdt_aml: Vec::new(),
             cxl: None,
+            dmar: None,
         }
     }
 
@@ -439,6 +448,9 @@ pub fn create_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     }
     if let Some(cxl) = &cfg.cxl {
         xsdt_entries.push(image.place(&build_cedt(cxl))?);
+    }
+    if let Some(dmar) = &cfg.dmar {
+        xsdt_entries.push(image.place(&build_dmar(dmar, cfg.pci_segment.segment))?);
     }
     for table in &cfg.extra_tables {
         xsdt_entries.push(image.place(table)?);
@@ -608,6 +620,23 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
         for window in &cxl.windows {
             regions.push(("CXL fixed memory window", (window.base, window.size)));
         }
+    }
+    if let Some(dmar) = &cfg.dmar {
+        if !matches!(dmar.host_address_width, 39 | 48) {
+            return Err(AcpiError::InvalidDmar(
+                "host address width must be 39 or 48 bits",
+            ));
+        }
+        let base = dmar.register_base;
+        if base == 0 || !base.is_multiple_of(DRHD_WINDOW) || range_last(base, DRHD_WINDOW).is_none()
+        {
+            return Err(AcpiError::InvalidRange {
+                what: "VT-d register window",
+                base,
+                size: DRHD_WINDOW,
+            });
+        }
+        regions.push(("VT-d register window", (base, DRHD_WINDOW)));
     }
     // Sorted by base, any overlap shows up between neighbours.
     regions.sort_by_key(|&(_, (base, _))| base);

@@ -1,0 +1,79 @@
+//! VT-d guest tests: with `--iommu vtd` the guest's own `intel_iommu` finds the DMAR, drives the
+//! remapping unit (root table, queued invalidation, translation on) and puts the PCI devices
+//! into IOMMU groups — in scalable mode (ECAP.SMTS) and in legacy mode (`scalable=off`). What
+//! counts is what the guest reports: dmesg and /sys/class/iommu.
+
+mod common;
+
+use common::guest;
+
+const SCRIPT: &str = r#"
+dmesg | grep -E "DMAR|iommu" | sed 's/^\[[ 0-9.]*\] //'
+echo "ecap=$(cat /sys/class/iommu/dmar0/intel-iommu/ecap)"
+echo "cap=$(cat /sys/class/iommu/dmar0/intel-iommu/cap)"
+echo "groups=$(ls /sys/kernel/iommu_groups | wc -l)"
+echo "devices=$(ls /sys/class/iommu/dmar0/devices | wc -l)"
+"#;
+
+/// Boots with `--iommu SPEC` and returns the guest's report.
+fn boot(spec: &str) -> String {
+    let run = guest([
+        "run",
+        "--timeout=600",
+        &format!("--iommu={spec}"),
+        "--",
+        "sh",
+        "-c",
+        SCRIPT,
+    ]);
+    run.expect_status(0);
+    run.stdout
+}
+
+fn field(out: &str, key: &str) -> u64 {
+    let value = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in:\n{out}"));
+    u64::from_str_radix(value.trim(), 16)
+        .or_else(|_| value.trim().parse())
+        .unwrap_or_else(|_| panic!("{key}={value}"))
+}
+
+fn assert_remapping_on(out: &str) {
+    for line in [
+        "DMAR: IOMMU enabled",
+        "DMAR: Host address width 48",
+        "DMAR: DRHD base: 0x000000fed90000 flags: 0x1",
+        "DMAR: dmar0: Using Queued invalidation",
+        "DMAR: Intel(R) Virtualization Technology for Directed I/O",
+        "Adding to iommu group",
+    ] {
+        assert!(out.contains(line), "guest did not report {line:?}:\n{out}");
+    }
+    assert!(!out.contains("malfunctioning"), "{out}");
+    assert!(
+        !out.contains("DMAR: DRHD: handling fault"),
+        "unexpected faults:\n{out}"
+    );
+    // The host bridge and the root port, each in its own group.
+    assert!(field(out, "groups") >= 2, "{out}");
+    assert!(field(out, "devices") >= 2, "{out}");
+}
+
+#[test]
+fn guest_enables_dma_remapping_in_scalable_mode() {
+    let out = boot("vtd");
+    assert_remapping_on(&out);
+    let ecap = field(&out, "ecap");
+    assert_ne!(ecap & (1 << 43), 0, "ECAP.SMTS: {ecap:#x}");
+    assert_ne!(ecap & (1 << 1), 0, "ECAP.QI: {ecap:#x}");
+}
+
+#[test]
+fn guest_enables_dma_remapping_in_legacy_mode() {
+    let out = boot("vtd,scalable=off");
+    assert_remapping_on(&out);
+    let ecap = field(&out, "ecap");
+    assert_eq!(ecap & (1 << 43), 0, "no SMTS in legacy mode: {ecap:#x}");
+}
