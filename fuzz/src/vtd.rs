@@ -124,3 +124,61 @@ fn check(regs: &RegisterFile, cap: u64, ecap: u64) {
         "queue indices {head}/{tail}"
     );
 }
+
+/// Fuzz target `vtd_queue`: the invalidation queue of a remapping unit over a 1 MiB guest
+/// memory. Input: byte 0 the queue setup (bit 0 256-bit descriptors, bits 3:1 QS), then 32-byte
+/// chunks: each is written into the queue memory as the next descriptor (the kind byte's low
+/// bits steered to the types Linux sends one time in two), and every fourth chunk also moves the
+/// tail (by its last byte) and clears FSTS.
+///
+/// Invariants: no panic or hang; the head stays inside the queue; a wait descriptor's status
+/// write only lands in guest memory (the unit writes through the guest memory map).
+pub fn run_queue(data: &[u8]) {
+    use iommu::vtd::registers::iqa;
+    use iommu::vtd::unit::RemappingUnit;
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+    let Some((&setup, mut rest)) = data.split_first() else {
+        return;
+    };
+    let memory = GuestMemoryAtomic::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("1 MiB"),
+    );
+    let mut unit = RemappingUnit::new(
+        VtdConfig::default(),
+        memory.clone(),
+        Arc::new(iommu::NullMsiSink),
+    );
+    const QUEUE: u64 = 0x8_0000;
+    let wide = setup & 1 != 0;
+    let qs = u64::from((setup >> 1) & 7).min(3); // up to 32 KiB: inside the 1 MiB
+    let iqa_value = QUEUE | qs | if wide { iqa::DW } else { 0 };
+    unit.write(offset::IQA, &iqa_value.to_le_bytes());
+    unit.write(offset::GCMD, &global::QIE.to_le_bytes());
+    let entries = (4096u64 << qs) / if wide { 32 } else { 16 };
+    let size = if wide { 32 } else { 16 };
+    let mut slot = 0u64;
+    let mut n = 0;
+    while rest.len() >= 32 && n < crate::MAX_OPS {
+        let (chunk, tail) = rest.split_at(32);
+        rest = tail;
+        n += 1;
+        let mut desc = chunk[..size].to_vec();
+        if desc[0] & 0x80 == 0 {
+            desc[0] = (desc[0] % 10) & 0xf; // a type Linux sends (or 0)
+            desc[1] &= !0x0e; // no extended type bits
+        }
+        let gpa = QUEUE + slot * size as u64;
+        let _ = memory.memory().write_slice(&desc, GuestAddress(gpa));
+        slot = (slot + 1) % entries;
+        if n % 4 == 0 {
+            let shift = if wide { 5 } else { 4 };
+            let tail_index = u64::from(chunk[31]) % (entries + 2);
+            unit.write(offset::FSTS, &0x7fu32.to_le_bytes());
+            unit.write(offset::IQT, &(tail_index << shift).to_le_bytes());
+            let (_, queue_entries, _, head, _) = unit.registers().queue();
+            assert!(head < queue_entries, "head {head} outside {queue_entries}");
+        }
+    }
+}

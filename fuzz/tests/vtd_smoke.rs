@@ -49,3 +49,19 @@ fn vtd_registers_linux_bring_up() {
     op(1, w4, 0x34, 0x7f, 0); // clear FSTS
     vmm_fuzz::vtd::run_registers(&data);
 }
+
+#[test]
+fn vtd_queue_survives_random_descriptor_streams() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..500 {
+        let len = (next() % 4096) as usize;
+        let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        vmm_fuzz::vtd::run_queue(&data);
+    }
+}
