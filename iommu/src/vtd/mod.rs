@@ -4,13 +4,15 @@
 //!   Command/Status semantics Linux relies on, fault recording and the invalidation queue
 //!   registers;
 //! - [`tables`]: legacy-mode root and context entries and the second-stage walk (chapters 9
-//!   and 3.6), with the architected fault reasons.
+//!   and 3.6), with the architected fault reasons;
+//! - [`scalable`]: scalable-mode root/context entries, PASID directory and table entries, and
+//!   the first-stage (x86 4-level) walk with Accessed/Dirty updates.
 //!
-//! Still to come (issue 8): the scalable-mode root/context entries and PASID tables, the
-//! first-stage walk, the IOTLB and context/PASID caches (chapter 6), the invalidation queue's
+//! Still to come (issue 8): the IOTLB and context/PASID caches (chapter 6), the invalidation queue's
 //! descriptors (6.5.2) and fault reporting (chapter 7) — the `DmaTranslator` the devices' DMA
 //! goes through.
 
 pub mod registers;
+pub mod scalable;
 pub mod tables;
 pub mod unit;
