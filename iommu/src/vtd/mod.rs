@@ -8,9 +8,13 @@
 //! - [`scalable`]: scalable-mode root/context entries, PASID directory and table entries, and
 //!   the first-stage (x86 4-level) walk with Accessed/Dirty updates.
 //!
-//! Still to come (issue 8): the IOTLB and context/PASID caches (chapter 6), the invalidation queue's
-//! descriptors (6.5.2) and fault reporting (chapter 7) — the `DmaTranslator` the devices' DMA
-//! goes through.
+//! - [`unit`]: one remapping unit — registers, queued invalidation, fault and invalidation
+//!   events, and the translation of DMA requests ([`unit::VtdTranslator`], the
+//!   `DmaTranslator` for the devices behind the unit).
+//!
+//! Still to come (issue 8): the IOTLB and context/PASID caches (chapter 6; nothing is cached
+//! yet, so every invalidation is trivially honoured), ATS translation requests (ECAP.DT), the
+//! page request queue (part 2).
 
 pub mod registers;
 pub mod scalable;

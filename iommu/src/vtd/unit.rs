@@ -4,8 +4,15 @@
 //! the fault and invalidation event interrupts through the MSI seam, and the way back to
 //! functions with an ATC (device-TLB invalidations, [`crate::DeviceEndpoint`]).
 //!
+//! DMA through the unit ([`RemappingUnit::translate`], and [`VtdTranslator`], the
+//! `DmaTranslator` devices' `DmaSpace`s use): with translation off, addresses pass through;
+//! with it on, the root table's mode (RTADDR.TTM) picks the legacy walk ([`super::tables`]) or
+//! the scalable-mode one ([`super::scalable`]); a failed walk records a primary fault (and
+//! raises the fault event) and the device sees a translation fault.
+//!
 //! This unit caches nothing yet (no IOTLB, no context or PASID cache), so every invalidation
-//! is trivially honoured; the descriptors are still validated and counted.
+//! is trivially honoured and every change to the tables is seen at once; the descriptors are
+//! still validated and counted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +20,12 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::registers::{RegisterAction, RegisterFile, VtdConfig};
+use super::registers::{FaultRecord, RegisterAction, RegisterFile, VtdConfig};
+use super::scalable::ScalableRequest;
+use super::tables::{TranslationType, WalkRequest};
 use crate::{
-    AtcInvalidation, Completion, DeviceEndpoint, FunctionBinding, MsiMessage, MsiSink, Pasid,
-    RequesterId,
+    AddressType, AtcInvalidation, Completion, DeviceEndpoint, DmaAccess, DmaError, DmaRequest,
+    DmaTranslator, FunctionBinding, MsiMessage, MsiSink, Pasid, RequesterId, Translation,
 };
 
 /// Invalidation descriptor types (VT-d 6.5.2, Type\[3:0\] with Type\[6:4\] at bits 11:9).
@@ -72,6 +81,10 @@ pub struct UnitCounters {
     pub queue_errors: u64,
     /// Fault events and invalidation events signalled.
     pub interrupts: u64,
+    /// Requests translated (translation on).
+    pub translations: u64,
+    /// Requests that faulted.
+    pub faults: u64,
 }
 
 /// One remapping unit.
@@ -175,6 +188,117 @@ impl RemappingUnit {
         }
         // A tail write, or software clearing IQE after a bad descriptor: go on from the head.
         self.process_queue();
+    }
+
+    /// Translates one DMA request (VT-d chapter 3): pass-through while translation is off;
+    /// otherwise the walk for the root table's mode. A fault is recorded (fault event MSI if
+    /// unmasked) and returned as [`DmaError::TranslationFault`].
+    pub fn translate(&mut self, request: &DmaRequest) -> Result<Translation, DmaError> {
+        if !self.regs.translation_enabled() {
+            return Ok(Translation {
+                execute: true,
+                privileged: true,
+                ..Translation::new(request.address, request.len.max(1), true, true)
+            });
+        }
+        self.counters.translations += 1;
+        let config = self.regs.config();
+        let (cap, ecap) = config.capabilities();
+        let sagaw = ((cap >> 8) & 0x1f) as u8;
+        let large_pages = ((cap >> 34) & 0xf) as u8;
+        let width = config.address_width;
+        let rtaddr = self.regs.root_table();
+        let root = rtaddr & !0xfff;
+        let scalable = (rtaddr >> 10) & 3 == 1;
+        let walk = WalkRequest {
+            address: request.address,
+            write: request.access == DmaAccess::Write,
+        };
+        let memory = self.memory.memory();
+        let result = if request.address_type != AddressType::Untranslated {
+            // No device TLB in this unit (ECAP.DT clear): ATS requests are blocked.
+            Err(if scalable {
+                super::scalable::reason::DTE_CLEAR
+            } else {
+                super::tables::reason::BLOCKED
+            })
+        } else if scalable {
+            if ecap & (1 << 43) == 0 {
+                Err(super::scalable::reason::ROOT_TABLE_ADDRESS)
+            } else {
+                let sreq = ScalableRequest {
+                    walk,
+                    pasid: request.pasid.map(Pasid::value),
+                    privileged: request.privileged,
+                    execute: false,
+                };
+                super::scalable::translate(
+                    &*memory,
+                    root,
+                    request.requester_id.0,
+                    &sreq,
+                    sagaw,
+                    width,
+                    large_pages,
+                )
+            }
+        } else if request.pasid.is_some() {
+            Err(0x31) // SM: TTM 0 for a request with PASID
+        } else {
+            super::tables::lookup_context(&*memory, root, request.requester_id.0, width)
+                .and_then(|entry| entry.decode(sagaw, width))
+                .and_then(|context| match context.translation_type {
+                    TranslationType::PassThrough => Ok(super::tables::Leaf {
+                        page: request.address & !0xfff,
+                        page_size: 4096,
+                        read: true,
+                        write: true,
+                    }),
+                    _ => super::tables::second_stage_walk(
+                        &*memory,
+                        &context,
+                        walk,
+                        width,
+                        large_pages,
+                    ),
+                })
+        };
+        drop(memory);
+        match result {
+            Ok(leaf) => {
+                let offset = request.address & (leaf.page_size - 1);
+                Ok(Translation {
+                    page_size: leaf.page_size,
+                    ..Translation::new(
+                        leaf.page + offset,
+                        leaf.page_size - offset,
+                        leaf.read,
+                        leaf.write,
+                    )
+                })
+            }
+            Err(reason) => {
+                self.counters.faults += 1;
+                let signal = self.regs.record_fault(FaultRecord {
+                    source_id: request.requester_id.0,
+                    pasid: request.pasid.map(Pasid::value),
+                    address: request.address,
+                    reason,
+                    write: walk.write,
+                    execute: false,
+                    privileged: request.privileged,
+                });
+                if signal {
+                    self.send_fault_event();
+                }
+                Err(DmaError::TranslationFault {
+                    requester_id: request.requester_id,
+                    iova: request.address,
+                    access: request.access,
+                    reason: format!("VT-d fault reason {reason:#04x}"),
+                })
+            }
+        }
     }
 
     fn deliver(&mut self, (address, upper, data): (u32, u32, u32)) {
@@ -343,6 +467,42 @@ impl RemappingUnit {
             self.send_invalidation_event();
         }
         Ok(())
+    }
+}
+
+/// The `DmaTranslator` of a remapping unit shared with its register window: every device
+/// behind the unit gets a `DmaSpace` with this translator.
+#[derive(Clone)]
+pub struct VtdTranslator {
+    unit: Arc<std::sync::Mutex<RemappingUnit>>,
+}
+
+impl std::fmt::Debug for VtdTranslator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VtdTranslator").finish_non_exhaustive()
+    }
+}
+
+impl VtdTranslator {
+    /// A translator for `unit`.
+    pub fn new(unit: Arc<std::sync::Mutex<RemappingUnit>>) -> Self {
+        VtdTranslator { unit }
+    }
+}
+
+impl DmaTranslator for VtdTranslator {
+    fn translate(&self, request: &DmaRequest) -> Result<Translation, DmaError> {
+        self.unit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .translate(request)
+    }
+
+    fn register_endpoint(&self, binding: FunctionBinding, endpoint: Arc<dyn DeviceEndpoint>) {
+        self.unit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_endpoint(binding, endpoint);
     }
 }
 
@@ -575,5 +735,69 @@ mod tests {
             w32(&mut u, offset::FSTS, 0x7f);
             w64(&mut u, offset::IQT, next() & 0x7fff0);
         }
+    }
+
+    /// Legacy tables for 00:02.0 (IOVA 0x5000 → GPA 0x30_0000, read/write), programmed and
+    /// enabled the way Linux does; DMA through a `DmaSpace` with the unit's translator.
+    #[test]
+    fn dma_is_remapped_once_translation_is_on_and_faults_are_recorded() {
+        use crate::DmaSpace;
+        let sink = Arc::new(RecordingMsiSink::new());
+        let (unit, mem) = unit(sink.clone());
+        let unit = Arc::new(std::sync::Mutex::new(unit));
+        let rid = RequesterId::new(0, 2, 0);
+        let m = mem.memory();
+        let put = |gpa: u64, v: u64| m.write_obj(v, GuestAddress(gpa)).unwrap();
+        let (root, ctx, l4, l3, l2, l1) = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000);
+        put(root, ctx | 1);
+        put(ctx + u64::from(rid.devfn()) * 16, l4 | 1);
+        put(ctx + u64::from(rid.devfn()) * 16 + 8, 2 | (1 << 8));
+        put(l4, l3 | 3);
+        put(l3, l2 | 3);
+        put(l2, l1 | 3);
+        put(l1 + 5 * 8, 0x30_0000 | 3);
+        m.write_slice(b"remapped", GuestAddress(0x30_0010)).unwrap();
+        let dma =
+            DmaSpace::with_translator(rid, mem.clone(), Arc::new(VtdTranslator::new(unit.clone())));
+        dma.set_bus_master(true);
+        // Translation off: pass-through.
+        let mut buf = [0u8; 8];
+        dma.read(0x30_0010, &mut buf).unwrap();
+        assert_eq!(&buf, b"remapped");
+        {
+            let mut u = unit.lock().unwrap();
+            w64(&mut u, offset::RTADDR, root);
+            w32(&mut u, offset::GCMD, global::SRTP);
+            w32(&mut u, offset::FEDATA, 0x33);
+            w32(&mut u, offset::FEADDR, 0xfee0_0000);
+            w32(&mut u, offset::FECTL, 0);
+            w32(&mut u, offset::GCMD, global::TE);
+        }
+        dma.read(0x5010, &mut buf).unwrap();
+        assert_eq!(&buf, b"remapped");
+        dma.write(0x5020, b"by dev").unwrap();
+        assert_eq!(
+            &m.read_obj::<[u8; 6]>(GuestAddress(0x30_0020)).unwrap(),
+            b"by dev"
+        );
+        // Unmapped IOVA: a fault, recorded with the source ID and address, and an MSI.
+        let err = dma.write(0x9000, b"x").unwrap_err();
+        assert!(matches!(err, DmaError::TranslationFault { .. }), "{err}");
+        let u = unit.lock().unwrap();
+        assert_ne!(
+            r32(&u, offset::FSTS) & super::super::registers::fsts::PPF,
+            0
+        );
+        let fr = super::super::registers::FAULT_RECORD_UNITS * 16;
+        let mut rec = [0u8; 16];
+        u.read(fr, &mut rec[..8]);
+        u.read(fr + 8, &mut rec[8..]);
+        let low = u64::from_le_bytes(rec[..8].try_into().unwrap());
+        let high = u64::from_le_bytes(rec[8..].try_into().unwrap());
+        assert_eq!(low, 0x9000);
+        assert_eq!(high & 0xffff, u64::from(rid.0));
+        assert_eq!((high >> 32) & 0xff, 0x05, "write to a not-present page");
+        assert_eq!(sink.take().len(), 1);
+        assert_eq!((u.counters().translations, u.counters().faults), (3, 1));
     }
 }
