@@ -225,14 +225,7 @@ impl Backing {
             path: shown.clone(),
             reason,
         };
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| backing_err(e.to_string()))?;
+        let (file, existed) = open_or_create(path).map_err(|e| backing_err(e.to_string()))?;
         let actual = file
             .metadata()
             .map_err(|e| backing_err(e.to_string()))?

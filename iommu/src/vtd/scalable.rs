@@ -9,10 +9,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::tables::{Context, Leaf, WalkRequest, second_stage_walk};
+use super::tables::{Context, Leaf, WalkRequest, read_entry, second_stage_walk};
 
 /// Scalable-mode fault reasons (VT-d Appendix A).
 pub mod reason {
@@ -144,18 +144,6 @@ pub struct ScalableRequest {
     pub privileged: bool,
     /// An instruction fetch.
     pub execute: bool,
-}
-
-fn read_entry<T: FromBytes + IntoBytes + Default, M: GuestMemoryBackend>(
-    memory: &M,
-    gpa: u64,
-    fault: u8,
-) -> Result<T, u8> {
-    let mut entry = T::default();
-    memory
-        .read_slice(entry.as_mut_bytes(), GuestAddress(gpa))
-        .map_err(|_| fault)?;
-    Ok(entry)
 }
 
 /// Finds the PASID table entry for `source_id` and the request's PASID (or the context's
@@ -406,7 +394,7 @@ pub fn translate<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     const ROOT: u64 = 0x1000;
     const CTX: u64 = 0x2000;

@@ -10,7 +10,7 @@
 //! Still to come: the scalable-mode root/context entries, PASID directory and tables, and the
 //! first-stage walk.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Fault reasons for DMA remapping in legacy mode (VT-d Appendix A).
@@ -207,7 +207,7 @@ pub struct Leaf {
 }
 
 /// Reads an entry of type `T` at `gpa`, or `fault` if guest memory does not back it.
-fn read_entry<T: FromBytes + IntoBytes + Default, M: GuestMemory>(
+pub(super) fn read_entry<T: FromBytes + IntoBytes + Default, M: GuestMemoryBackend>(
     memory: &M,
     gpa: u64,
     fault: u8,
@@ -221,7 +221,7 @@ fn read_entry<T: FromBytes + IntoBytes + Default, M: GuestMemory>(
 
 /// Looks up the context entry of `source_id` (bus 15:8, devfn 7:0) from the root table at
 /// `root_table`: the root entry of the bus, then the context entry of the devfn.
-pub fn lookup_context<M: GuestMemory>(
+pub fn lookup_context<M: GuestMemoryBackend>(
     memory: &M,
     root_table: u64,
     source_id: u16,
@@ -251,7 +251,7 @@ pub fn lookup_context<M: GuestMemory>(
 /// level from bit 12; a PS entry at level 2 maps 2 MiB, at level 3 1 GiB (when
 /// `large_pages` allows: bit 0 2 MiB, bit 1 1 GiB, from CAP.SLLPS). Permissions are the AND of
 /// every level's. A not-present or forbidding entry faults with the access's reason.
-pub fn second_stage_walk<M: GuestMemory>(
+pub fn second_stage_walk<M: GuestMemoryBackend>(
     memory: &M,
     context: &Context,
     request: WalkRequest,
