@@ -61,9 +61,60 @@ fn assert_remapping_on(out: &str) {
     assert!(field(out, "devices") >= 2, "{out}");
 }
 
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("vtd-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Scalable mode, and `vmm ctl iommu-state` while the guest runs: what the unit saw the guest
+/// program (translation on, scalable root table, queued invalidation with wait descriptors).
 #[test]
 fn guest_enables_dma_remapping_in_scalable_mode() {
-    let out = boot("vtd");
+    let sock = scratch("vtd.sock");
+    let script = format!("{SCRIPT}\necho READY\nsleep 600\n");
+    let args: Vec<String> = [
+        "run",
+        "--timeout=600",
+        "--iommu=vtd",
+        &format!("--control={}", sock.display()),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut g = common::RunningGuest::start(scratch("vtd-console.log"), &args);
+    g.wait_for("READY");
+    let ctl = common::vmm([
+        "ctl".to_string(),
+        format!("--control={}", sock.display()),
+        "--wait=120".to_string(),
+        "iommu-state".to_string(),
+    ]);
+    g.signal(libc::SIGTERM);
+    let (status, out, _) = g.finish();
+    ctl.expect_status(0);
+    let state: serde_json::Value = serde_json::from_str(&ctl.stdout).expect("JSON from vmm ctl");
+    assert_eq!(state["translation_enabled"], true, "{state}");
+    assert_eq!(state["queued_invalidation_enabled"], true, "{state}");
+    assert_eq!(state["root_table_mode"], "scalable", "{state}");
+    assert_eq!(
+        state["invalidation_queue"]["descriptor_bits"], 256,
+        "{state}"
+    );
+    assert!(
+        state["counters"]["invalidations"]["wait"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "the guest's qi_submit_sync waits: {state}"
+    );
+    assert_eq!(state["counters"]["queue_errors"], 0, "{state}");
+    assert_eq!(status, Some(143), "SIGTERM ends the run: {out}");
     assert_remapping_on(&out);
     let ecap = field(&out, "ecap");
     assert_ne!(ecap & (1 << 43), 0, "ECAP.SMTS: {ecap:#x}");

@@ -199,6 +199,9 @@ enum CtlRequest {
         #[arg(long, value_parser = number)]
         corrected_persistent_errors: Option<u64>,
     },
+    /// Report the VT-d unit's state (`--iommu vtd`): mode, enabled features, counters.
+    #[command(name = "iommu-state", visible_alias = "iommu")]
+    IommuState,
     /// Send one raw JSON request (see `docs/control-api.md`).
     Raw {
         /// The request object, e.g. '{"command":"query-devices"}'.
@@ -210,6 +213,7 @@ impl CtlRequest {
     fn to_json(&self) -> Result<Value, String> {
         Ok(match self {
             CtlRequest::Devices => json!({"command": "query-devices"}),
+            CtlRequest::IommuState => json!({"command": "iommu-state"}),
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
             CtlRequest::InjectPoison(r) => r.request("cxl-inject-poison"),
             CtlRequest::ClearPoison(r) => r.request("cxl-clear-poison"),

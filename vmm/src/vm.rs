@@ -479,6 +479,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
                     function: Some(d.device.clone()),
                 })
                 .collect(),
+            iommu: vtd.as_ref().map(|(unit, _)| unit.clone()),
         };
         match endpoint {
             ControlEndpoint::Socket(listener) => listener.serve(target),
