@@ -157,7 +157,7 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
 ) -> Result<(PasidEntry, u32), u8> {
     let bus = u64::from(source_id >> 8);
     let devfn = u64::from(source_id & 0xff);
-    let root: ScalableRootEntry = read_entry(memory, root_table + bus * 16, reason::ROOT_ACCESS)?;
+    let root: ScalableRootEntry = read_entry(memory, root_table, bus * 16, reason::ROOT_ACCESS)?;
     let half = if devfn < 128 { root.lo } else { root.hi };
     if half & 1 == 0 {
         return Err(reason::ROOT_NOT_PRESENT);
@@ -167,7 +167,8 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
     }
     let context: ScalableContextEntry = read_entry(
         memory,
-        (half & !0xfff) + (devfn & 0x7f) * 32,
+        half & !0xfff,
+        (devfn & 0x7f) * 32,
         reason::CONTEXT_ACCESS,
     )?;
     let qw0 = context.qw[0];
@@ -194,7 +195,8 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
     }
     let dir: u64 = read_entry(
         memory,
-        (qw0 & !0xfff) + dir_index * 8,
+        qw0 & !0xfff,
+        dir_index * 8,
         reason::DIRECTORY_ACCESS,
     )?;
     if dir & 1 == 0 {
@@ -205,7 +207,8 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
     }
     let entry: PasidEntry = read_entry(
         memory,
-        (dir & !0xfff) + u64::from(pasid & 0x3f) * 64,
+        dir & !0xfff,
+        u64::from(pasid & 0x3f) * 64,
         reason::PASID_ACCESS,
     )?;
     if entry.qw[0] & 1 == 0 {
@@ -292,7 +295,9 @@ pub fn first_stage_walk<M: GuestMemoryBackend>(
     let (mut writable, mut user_ok, mut executable) = (true, true, true);
     for level in (1..=4u32).rev() {
         let shift = 12 + 9 * (level - 1);
-        let slot = table + ((address >> shift) & 0x1ff) * 8;
+        let slot = table
+            .checked_add(((address >> shift) & 0x1ff) * 8)
+            .ok_or(reason::FIRST_STAGE_ACCESS)?;
         // The entry as an atomic in guest memory (aligned: entries are 8-byte slots).
         let slice = memory
             .get_slice(GuestAddress(slot), 8)
@@ -540,6 +545,20 @@ mod tests {
             go(&m, sid, request(IOVA, false, Some(5))),
             Err(reason::PASIDE_CLEAR)
         );
+        // A PASID directory at the top of the address space (PDTS 7, a high PASID): faults,
+        // never wraps.
+        let ctx_entry = CTX + u64::from(sid) * 32;
+        let saved = get(&m, ctx_entry);
+        put(
+            &m,
+            ctx_entry,
+            0xffff_ffff_ffff_f000 | 1 | (1 << 3) | (7 << 9),
+        );
+        assert_eq!(
+            go(&m, sid, request(IOVA, false, Some(0xf_ffc0))),
+            Err(reason::DIRECTORY_ACCESS)
+        );
+        put(&m, ctx_entry, saved);
         // Invalid PGTT.
         put(&m, PTAB, 1 | (7 << 6));
         assert_eq!(

@@ -206,12 +206,15 @@ pub struct Leaf {
     pub write: bool,
 }
 
-/// Reads an entry of type `T` at `gpa`, or `fault` if guest memory does not back it.
+/// Reads an entry of type `T` at `base + offset`, or `fault` if that address wraps the address
+/// space (a guest-programmed pointer near the top) or guest memory does not back it.
 pub(super) fn read_entry<T: FromBytes + IntoBytes + Default, M: GuestMemoryBackend>(
     memory: &M,
-    gpa: u64,
+    base: u64,
+    offset: u64,
     fault: u8,
 ) -> Result<T, u8> {
+    let gpa = base.checked_add(offset).ok_or(fault)?;
     let mut entry = T::default();
     memory
         .read_slice(entry.as_mut_bytes(), GuestAddress(gpa))
@@ -229,7 +232,7 @@ pub fn lookup_context<M: GuestMemoryBackend>(
 ) -> Result<ContextEntry, u8> {
     let bus = u64::from(source_id >> 8);
     let devfn = u64::from(source_id & 0xff);
-    let root: RootEntry = read_entry(memory, root_table + bus * 16, reason::BAD_ROOT_TABLE)?;
+    let root: RootEntry = read_entry(memory, root_table, bus * 16, reason::BAD_ROOT_TABLE)?;
     if !root.present() {
         return Err(reason::ROOT_NOT_PRESENT);
     }
@@ -238,7 +241,8 @@ pub fn lookup_context<M: GuestMemoryBackend>(
     }
     let context: ContextEntry = read_entry(
         memory,
-        root.context_table() + devfn * 16,
+        root.context_table(),
+        devfn * 16,
         reason::BAD_CONTEXT_TABLE,
     )?;
     if !context.present() {
@@ -274,7 +278,7 @@ pub fn second_stage_walk<M: GuestMemoryBackend>(
         let shift = 12 + 9 * (u32::from(level) - 1);
         let index = (request.address >> shift) & 0x1ff;
         let entry: SecondStageEntry =
-            read_entry(memory, table + index * 8, reason::BAD_TABLE_POINTER)?;
+            read_entry(memory, table, index * 8, reason::BAD_TABLE_POINTER)?;
         if !entry.read() && !entry.write() {
             return Err(denied); // not present
         }

@@ -356,12 +356,14 @@ impl RemappingUnit {
             guard += 1;
             let mut desc = Descriptor::default();
             let bytes = &mut desc.as_mut_bytes()[..size];
-            if self
-                .memory
-                .memory()
-                .read_slice(bytes, GuestAddress(base + head * size as u64))
-                .is_err()
-            {
+            // The queue base is guest-programmed: a queue wrapping the address space faults.
+            let fetched = base.checked_add(head * size as u64).is_some_and(|gpa| {
+                self.memory
+                    .memory()
+                    .read_slice(bytes, GuestAddress(gpa))
+                    .is_ok()
+            });
+            if !fetched {
                 self.report_queue_error(queue_error::FETCH);
                 return;
             }
@@ -799,5 +801,56 @@ mod tests {
         assert_eq!((high >> 32) & 0xff, 0x05, "write to a not-present page");
         assert_eq!(sink.take().len(), 1);
         assert_eq!((u.counters().translations, u.counters().faults), (3, 1));
+    }
+
+    /// Guest pointers at the top of the address space (queue base, root table) fault; they
+    /// never overflow an address computation (a panic in debug builds).
+    #[test]
+    fn pointers_at_the_top_of_the_address_space_fault_instead_of_wrapping() {
+        let sink = Arc::new(RecordingMsiSink::new());
+        let (mut u, mem) = unit(sink);
+        let top = 0xffff_ffff_ffff_f000u64;
+        // 130 descriptors processed at a valid base (the head moves on), then the guest points
+        // the queue at the top of the address space: the next fetch is past 2^64.
+        enable_queue(&mut u);
+        for i in 0..130 {
+            put(&mem, i, wait_descriptor(1, false));
+        }
+        w64(&mut u, offset::IQT, 130 << 5);
+        assert_eq!(u.registers().queue().3, 130);
+        w64(&mut u, offset::IQA, top | iqa::DW | 7);
+        w64(&mut u, offset::IQT, 200 << 5);
+        assert_ne!(
+            r32(&u, offset::FSTS) & super::super::registers::fsts::IQE,
+            0
+        );
+        for rtaddr in [top, top | (1 << 10)] {
+            w64(&mut u, offset::RTADDR, rtaddr);
+            w32(
+                &mut u,
+                offset::GCMD,
+                global::SRTP | global::TE | global::QIE,
+            );
+            let request = DmaRequest {
+                requester_id: RequesterId(0xffff),
+                pasid: Pasid::new(0xf_ffff),
+                privileged: false,
+                address: u64::MAX - 7,
+                len: 8,
+                access: DmaAccess::Write,
+                address_type: AddressType::Untranslated,
+            };
+            assert!(matches!(
+                u.translate(&request),
+                Err(DmaError::TranslationFault { .. })
+            ));
+            assert!(
+                u.translate(&DmaRequest {
+                    pasid: None,
+                    ..request
+                })
+                .is_err()
+            );
+        }
     }
 }
