@@ -362,7 +362,7 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
 
 #[test]
 fn hmat_reports_dram_and_cxl_access_performance_per_node() {
-    // The VMM's HMAT (vmm/src/acpi.rs) states, from the CPUs' node 0, ~100 ns / 20000 MB/s for
+    // The VMM's HMAT (vmm/src/acpi/hmat.rs) states, from the CPUs' node 0, ~100 ns / 20000 MB/s for
     // RAM (node 0) and ~250 ns / 16000 MB/s for the CXL window (node 1, a CXL 2.0 x8 expander).
     // Linux shows a node's access0 attributes once it has memory online: --cxl-precommit brings
     // the region up as System RAM at boot.

@@ -1,4 +1,4 @@
-//! `vmm ctl`: the command-line client of the control API (`control.rs`): one subcommand per
+//! `vmm ctl`: the command-line client of the control API (`control/`): one subcommand per
 //! request, numbers in decimal or `0x` hex, the answer's result printed as JSON on stdout.
 
 use std::path::PathBuf;
