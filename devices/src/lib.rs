@@ -2,5 +2,6 @@
 
 pub mod bus;
 pub mod cxl;
+pub mod ioat;
 pub mod legacy;
 pub mod pci;

@@ -202,6 +202,9 @@ enum CtlRequest {
     /// Report the VT-d unit's state (`--iommu vtd`): mode, enabled features, counters.
     #[command(name = "iommu-state", visible_alias = "iommu")]
     IommuState,
+    /// Report the I/OAT DMA engines (`--ioat`): per channel its state, CHANERR and counters.
+    #[command(name = "ioat-state", visible_alias = "ioat")]
+    IoatState,
     /// Send one raw JSON request (see `docs/control-api.md`).
     Raw {
         /// The request object, e.g. '{"command":"query-devices"}'.
@@ -214,6 +217,7 @@ impl CtlRequest {
         Ok(match self {
             CtlRequest::Devices => json!({"command": "query-devices"}),
             CtlRequest::IommuState => json!({"command": "iommu-state"}),
+            CtlRequest::IoatState => json!({"command": "ioat-state"}),
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
             CtlRequest::InjectPoison(r) => r.request("cxl-inject-poison"),
             CtlRequest::ClearPoison(r) => r.request("cxl-clear-poison"),

@@ -14,6 +14,7 @@ mod ctl;
 mod cxl;
 mod file_lock;
 mod host;
+mod ioat;
 mod kvm_probe;
 mod layout;
 mod memory;
@@ -118,14 +119,10 @@ struct RunArgs {
         allow_hyphen_values = true
     )]
     cpus: String,
-    /// Guest memory size, e.g. 512M or 4G.
-    #[arg(
-        long,
-        default_value = "512M",
-        value_name = "SIZE",
-        allow_hyphen_values = true
-    )]
-    memory: String,
+    /// Guest memory size, e.g. 512M or 4G [default: 512M; 2G with --ioat, whose VFIO
+    /// selftests map 1 GiB of DMA memory]
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    memory: Option<String>,
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
     timeout: Option<f64>,
@@ -172,6 +169,17 @@ struct RunArgs {
     /// no caching mode, 48-bit).
     #[arg(long, value_name = "SPEC")]
     iommu: Option<String>,
+    /// Add an emulated Intel I/OAT DMA engine (Crystal Beach 3.3, the Skylake-X function
+    /// 8086:2021; the guest's ioatdma driver and the kernel's VFIO selftests drive it) on the
+    /// root bus, its DMA through the IOMMU when there is one (repeatable):
+    /// `[id=NAME][,channels=1..4]` (default: 1 channel).
+    #[arg(
+        long,
+        value_name = "SPEC",
+        num_args = 0..=1,
+        default_missing_value = ""
+    )]
+    ioat: Vec<String>,
     /// Internal (nested host): serve the control API on this serial port.
     #[arg(long, value_name = "TTY", hide = true)]
     control_serial: Option<PathBuf>,
@@ -254,6 +262,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Guest memory without `--memory`.
+const DEFAULT_MEMORY: &str = "512M";
+/// Guest memory without `--memory` when there is an `--ioat`: the VFIO selftests map (and pin)
+/// a 1 GiB DMA region.
+const DEFAULT_MEMORY_WITH_IOAT: &str = "2G";
+
 /// Kernel command line the VMM always passes; `--cmdline` is appended.
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 quiet";
 
@@ -279,6 +293,7 @@ impl RunArgs {
             cpuid_no_hypervisor,
             guest_file,
             iommu,
+            ioat,
             control,
             control_serial,
             nested_nvdimm,
@@ -301,13 +316,11 @@ impl RunArgs {
                 value(flag, p.as_os_str());
             }
         }
-        for (flag, v) in [
-            ("cmdline", cmdline),
-            ("cpus", cpus),
-            ("memory", memory),
-            ("profile", profile),
-        ] {
+        for (flag, v) in [("cmdline", cmdline), ("cpus", cpus), ("profile", profile)] {
             value(flag, v.as_ref());
+        }
+        if let Some(m) = memory {
+            value("memory", m.as_ref());
         }
         if let Some(t) = timeout {
             value("timeout", t.to_string().as_ref());
@@ -324,6 +337,7 @@ impl RunArgs {
         for (flag, values) in [
             ("cxl-type3", cxl_type3),
             ("guest-file", guest_file),
+            ("ioat", ioat),
             ("nested-nvdimm", nested_nvdimm),
         ] {
             for v in values {
@@ -356,7 +370,12 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         ))
     })?;
     let cpus = config::validate_cpus(cpus).map_err(Failure::vmm)?;
-    let memory = config::parse_memory_size(&args.memory).map_err(Failure::vmm)?;
+    let memory_spec = args.memory.as_deref().unwrap_or(if args.ioat.is_empty() {
+        DEFAULT_MEMORY
+    } else {
+        DEFAULT_MEMORY_WITH_IOAT
+    });
+    let memory = config::parse_memory_size(memory_spec).map_err(Failure::vmm)?;
     let timeout = match args.timeout {
         Some(t) if !(t.is_finite() && t > 0.0) => {
             return Err(Failure::vmm(format!(
@@ -372,6 +391,7 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         .enumerate()
         .map(|(i, spec)| cxl::CxlType3Spec::parse(spec, i).map_err(Failure::vmm))
         .collect::<Result<Vec<_>, _>>()?;
+    let ioat = ioat::IoatSpec::parse_all(&args.ioat).map_err(Failure::vmm)?;
     let iommu = args
         .iommu
         .as_deref()
@@ -515,6 +535,7 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         control,
         nested_media,
         iommu,
+        ioat,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {

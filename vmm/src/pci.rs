@@ -4,7 +4,8 @@
 //! DRHD next).
 //!
 //! Adding a device: a PCI function goes below a root port of its own
-//! ([`Platform::add_behind_root_port`]); a register block at a fixed address is a
+//! ([`Platform::add_behind_root_port`]) or on the root bus as an integrated endpoint
+//! ([`Platform::add_root_bus_function`]); a register block at a fixed address is a
 //! [`Platform::add_fixed_mmio`]. Nothing else in the VMM needs to change for the exits to reach
 //! it.
 
@@ -85,6 +86,22 @@ impl Platform {
             .map_err(err)?;
         let address = PciAddress::new(bus, 0, 0).map_err(err)?;
         rc.add_device(address, endpoint).map_err(err)?;
+        Ok(address)
+    }
+
+    /// Adds `function` as function 0 of device `device` on the root bus (a Root Complex
+    /// Integrated Endpoint: no bridge above it, so Linux gives it an IOMMU group of its own);
+    /// returns its address.
+    pub fn add_root_bus_function(
+        &mut self,
+        device: u8,
+        function: Box<dyn PciDevice>,
+    ) -> Result<PciAddress, String> {
+        let err = |e: PciError| e.to_string();
+        let address = PciAddress::new(0, device, 0).map_err(err)?;
+        lock(&self.root_complex)
+            .add_device(address, function)
+            .map_err(err)?;
         Ok(address)
     }
 

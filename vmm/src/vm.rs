@@ -92,6 +92,8 @@ pub struct VmConfig {
     pub nested_media: Vec<(PathBuf, u32)>,
     /// The VT-d remapping unit (`--iommu vtd`), if any.
     pub iommu: Option<crate::vtd::VtdSpec>,
+    /// Emulated I/OAT DMA engines (`--ioat`).
+    pub ioat: Vec<crate::ioat::IoatSpec>,
 }
 
 /// Where this VMM serves the control API.
@@ -467,6 +469,18 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         ),
         None => None,
     };
+    // I/OAT DMA engines on the root bus, their DMA through the VT-d unit if there is one.
+    let translator = vtd.as_ref().map(|(unit, _)| {
+        Arc::new(crate::vtd::DrhdTranslator(unit.clone())) as Arc<dyn iommu::DmaTranslator>
+    });
+    let ioat = crate::ioat::install(
+        &config.ioat,
+        &guest_memory,
+        &msi_sink,
+        translator,
+        &mut platform,
+    )
+    .map_err(VmError::Pci)?;
     let platform = Arc::new(platform);
     if let Some(endpoint) = &config.control {
         let target = crate::control::ControlTarget {
@@ -480,6 +494,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
                 })
                 .collect(),
             iommu: vtd.as_ref().map(|(unit, _)| unit.clone()),
+            ioat,
         };
         match endpoint {
             ControlEndpoint::Socket(listener) => listener.serve(target),

@@ -80,6 +80,34 @@ impl devices::bus::BusDevice for DrhdWindow {
     }
 }
 
+/// The unit as the `DmaTranslator` of the functions behind it (their `DmaSpace`s).
+pub struct DrhdTranslator(pub Arc<Mutex<DrhdWindow>>);
+
+impl iommu::DmaTranslator for DrhdTranslator {
+    fn translate(
+        &self,
+        request: &iommu::DmaRequest,
+    ) -> Result<iommu::Translation, iommu::DmaError> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .translate(request)
+    }
+
+    fn register_endpoint(
+        &self,
+        binding: iommu::FunctionBinding,
+        endpoint: Arc<dyn iommu::DeviceEndpoint>,
+    ) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .register_endpoint(binding, endpoint);
+    }
+}
+
 /// Builds the remapping unit, maps its registers at `layout::VTD_DRHD_START` and returns the
 /// DMAR configuration that describes it.
 pub fn install(

@@ -149,6 +149,9 @@ pub enum PciError {
     /// Invalid window layout given to the root complex.
     #[error("invalid address window: {0}")]
     InvalidWindow(&'static str),
+    /// A device model was asked for a configuration it does not support.
+    #[error("{0}")]
+    InvalidConfig(String),
 }
 
 /// A bus/device/function address as currently seen on the bus hierarchy.

@@ -49,6 +49,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 mod cxl;
+mod ioat;
 mod iommu;
 
 /// First line the VMM inside the nested host sends on the control port once it serves it.
@@ -84,6 +85,8 @@ pub struct ControlTarget {
     pub devices: Vec<ControlDevice>,
     /// The VT-d remapping unit (`iommu-*` commands), with `--iommu vtd`.
     pub iommu: Option<Arc<Mutex<crate::vtd::DrhdWindow>>>,
+    /// The I/OAT DMA engines (`ioat-*` commands), with `--ioat`.
+    pub ioat: Vec<crate::ioat::IoatHandle>,
 }
 
 /// Every command, by family (for the unknown-command error).
@@ -96,6 +99,7 @@ const COMMANDS: &[&str] = &[
     "cxl-inject-dram-event",
     "cxl-inject-memory-module-event",
     "iommu-state",
+    "ioat-state",
 ];
 
 impl ControlTarget {
@@ -108,6 +112,7 @@ impl ControlTarget {
                 None => Err("bad request: no \"command\" string".to_string()),
                 Some(c) if c == "query-devices" || c.starts_with("cxl-") => cxl::handle(self, line),
                 Some(c) if c.starts_with("iommu-") => iommu::handle(self, &request),
+                Some(c) if c.starts_with("ioat-") => ioat::handle(self, &request),
                 Some(c) => Err(unsupported_qmp_command(line).unwrap_or(format!(
                     "bad request: unknown command '{c}' (commands: {})",
                     COMMANDS.join(", ")
@@ -566,6 +571,7 @@ mod tests {
                 function: None,
             }],
             iommu: None,
+            ioat: Vec::new(),
         }
     }
 
