@@ -9,7 +9,8 @@
 //!   VMM's vCPU loop (bus first, then the PCI config ports);
 //! - [`dma`]: `iommu::DmaSpace` over a small guest memory with holes;
 //! - [`vtd`]: the VT-d remapping unit's register file, with the unit's own events between
-//!   guest accesses.
+//!   guest accesses;
+//! - [`ioat`]: the emulated I/OAT DMA engine's registers and descriptor chains.
 //!
 //! The same `run` functions serve the libFuzzer targets (`fuzz_targets/`), the stable replay test
 //! (`tests/replay.rs`, over `corpus/`), and the replay binaries (`cargo run --bin TARGET -- FILE`).
@@ -18,6 +19,7 @@
 
 pub mod cxl;
 pub mod dma;
+pub mod ioat;
 pub mod pci;
 pub mod pio;
 pub mod seeds;
