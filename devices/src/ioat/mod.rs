@@ -76,6 +76,7 @@ impl Default for IoatConfig {
 /// The I/OAT function.
 pub struct IoatFunction {
     config: ConfigSpace,
+    pcie_offset: u16,
     msix: MsixCapability,
     dma: DmaSpace,
     channels: Vec<Channel>,
@@ -117,7 +118,15 @@ impl IoatFunction {
             },
         );
         config.add_bar(0, BAR0_SIZE, BarKind::Memory64, false)?;
-        config.add_capability(&PcieCapabilityConfig::rc_integrated_endpoint().build())?;
+        let pcie_offset = u16::from(
+            config.add_capability(
+                &PcieCapabilityConfig {
+                    flr: true,
+                    ..PcieCapabilityConfig::rc_integrated_endpoint()
+                }
+                .build(),
+            )?,
+        );
         let msix = MsixCapability::new(
             &mut config,
             MsixLayout {
@@ -138,6 +147,7 @@ impl IoatFunction {
         dma.set_bus_master(false);
         Ok(IoatFunction {
             config,
+            pcie_offset,
             msix,
             dma,
             channels: (0..cfg.channels).map(|_| Channel::new()).collect(),
@@ -173,6 +183,33 @@ impl IoatFunction {
     /// Config space (device-side view).
     pub fn config(&self) -> &ConfigSpace {
         &self.config
+    }
+
+    /// Function Level Reset (PCIe Base Spec r6.0, 6.6.2): every channel back to power-on,
+    /// interrupts off, MSI-X disabled with its table cleared, Bus Master and Memory Space
+    /// Enable off, the error registers cleared. Linux saves and restores config space around
+    /// it (`pcie_flr()`); vfio-pci resets a function this way when it is opened and released.
+    pub fn function_level_reset(&mut self) {
+        for c in &mut self.channels {
+            *c = Channel::new();
+        }
+        self.genctrl = 0;
+        self.intrctrl = 0;
+        self.attnstatus = 0;
+        self.intrdelay = 0;
+        self.config.set_u16(crate::pci::config::COMMAND, 0);
+        let msix_control = self.msix.cap_offset() + 2;
+        let v = self.config.read_u16(msix_control) & !0xc000;
+        self.config.set_u16(msix_control, v);
+        self.msix.table_mut().reset();
+        for reg in [
+            cfg_reg::DMAUNCERRSTS,
+            cfg_reg::CHANERR_INT,
+            cfg_reg::CHANERRMASK_INT,
+        ] {
+            self.config.set_u32(reg, 0);
+        }
+        self.dma.set_bus_master(false);
     }
 
     fn raise(&mut self, index: usize) {
@@ -281,6 +318,12 @@ impl PciDevice for IoatFunction {
         self.config.write(offset, data);
         self.msix.config_written(&self.config, offset, data.len());
         self.dma.set_bus_master(self.config.bus_master_enabled());
+        // Initiate Function Level Reset: bit 15 of Device Control (the bit reads 0).
+        let flr_byte = self.pcie_offset + crate::pci::pcie::DEVCTL as u16 + 1;
+        let written = usize::from(flr_byte.wrapping_sub(offset));
+        if flr_byte >= offset && data.get(written).is_some_and(|b| b & 0x80 != 0) {
+            self.function_level_reset();
+        }
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {

@@ -478,3 +478,34 @@ fn bad_configurations_are_refused_and_garbage_accesses_are_harmless() {
     }
     r.f.bar_read(2, 0, &mut [0u8; 4]);
 }
+
+#[test]
+fn function_level_reset_returns_the_function_to_power_on() {
+    let mut r = rig();
+    driver_start(&mut r, 4);
+    r.msi.take();
+    let pcie = {
+        let c = r.f.config();
+        u16::from(find_capability(&mut |o, d| c.read(o, d), 0x10).unwrap())
+    };
+    let devcap = r.f.config().read_u32(pcie + 4);
+    assert_ne!(devcap & (1 << 28), 0, "FLR capable");
+    r.f.config_write(pcie + 8, &(1u16 << 15).to_le_bytes());
+    assert_eq!(
+        r.f.config().read_u16(pcie + 8) & (1 << 15),
+        0,
+        "the bit reads 0"
+    );
+    assert_eq!(
+        r.f.config().read_u16(COMMAND) & (COMMAND_MASTER | COMMAND_MEMORY),
+        0
+    );
+    assert!(!r.f.dma().bus_master_enabled());
+    assert_eq!(r.status(), ch::STATUS_HALTED);
+    assert_eq!(r.r64(CH0 + ch::CHANCMP), 0);
+    assert_eq!(r.r8(dev::INTRCTRL), 0);
+    // The channel works again once the driver sets it up anew.
+    driver_start(&mut r, 4);
+    assert_eq!(r.status(), ch::STATUS_DONE);
+    assert_eq!(r.msi.take().len(), 1);
+}
