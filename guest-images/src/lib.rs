@@ -32,6 +32,7 @@ mod apt;
 mod build;
 mod deb;
 mod debver;
+mod kbuild;
 mod kernel;
 
 use std::io::{IsTerminal, Read};
@@ -58,6 +59,13 @@ pub const INIT_SCRIPTS: &[(&str, &str)] = &[
     ("guest-init.sh", include_str!("../init/guest-init.sh")),
     ("host-init.sh", include_str!("../init/host-init.sh")),
 ];
+
+/// Scripts installed into a guest's `/usr/bin` by `program =` lines of `images.conf`, by name
+/// (files of `guest-images/guest-bin/`).
+pub const GUEST_PROGRAMS: &[(&str, &str)] = &[(
+    "vfio-selftests",
+    include_str!("../guest-bin/vfio-selftests"),
+)];
 
 /// Errors of the image builder. Every message is one line and says what to do where possible.
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +274,7 @@ pub(crate) fn run_streaming<T>(
     run_with(cmd, None, false, consume)
 }
 
-fn run_with<T>(
+pub(crate) fn run_with<T>(
     cmd: &mut Command,
     input: Option<&[u8]>,
     tolerate_failure: bool,
