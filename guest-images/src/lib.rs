@@ -9,7 +9,8 @@
 //!
 //! Inputs live next to this crate and are embedded in the binary: `images.lock` (every
 //! package pinned by name, version, suite and sha256; see [`lock`]), `images.conf` (the
-//! images, their init scripts and kernel modules) and `init/*.sh`.
+//! images, their init scripts, kernel modules, out-of-tree builds and programs), `init/*.sh`,
+//! `guest-bin/*` and `kbuild/*`.
 //!
 //! Cache layout (`$VMM_CACHE_DIR`, default `~/.cache/vmm`):
 //!
@@ -21,8 +22,10 @@
 //! images/.tmp-*                        builds in progress (stale ones are removed)
 //! ```
 //!
-//! The input hash covers the builder version, the image's pins, modules and init script, so
-//! changing any of them builds a new directory. A warm cache does not touch the network.
+//! The input hash covers the builder version, the image's pins, modules, init script and
+//! programs, and the build root and `kbuild/` files of images that compile kernel modules and
+//! selftests from the kernel source (`src/kbuild.rs`), so changing any of them builds a new
+//! directory. A warm cache does not touch the network.
 
 pub mod cpio;
 pub mod lock;

@@ -21,7 +21,9 @@
 //! `images.conf` lists the images: a `[name]` section per image (`guest-<profile>` for guest
 //! profiles, `host` for the nested-KVM host) with `init = <script in init/>` and any number of
 //! `module = <name> [<name>...]` lines (kernel modules loaded at boot; dependencies are added
-//! automatically).
+//! automatically), `extra-module =` (carried, loaded on request), `build-root = <set>` with
+//! `build-module = <source.c>` / `build-selftest = <suite>/<test>` (compiled from the kernel
+//! source by the lock's packages of that set) and `program = <guest-bin script>`.
 
 use std::fmt::Write as _;
 
