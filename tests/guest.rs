@@ -247,3 +247,55 @@ fn guest_poweroff_before_reporting_is_its_own_status() {
     let last = run.stderr.lines().last().unwrap_or_default();
     assert!(last.contains("powered off"), "{}", run.stderr);
 }
+
+/// The modules and programs the guest image builds from the kernel source (one boot):
+/// `dmatest.ko` loads on request (not at boot) with the kernel's vermagic, `vfio-pci` loads,
+/// the static VFIO selftests execute on the guest's userland, and `vfio-selftests` fails
+/// clearly when the VM has no Intel I/OAT function.
+#[test]
+fn kernel_source_builds_load_and_run() {
+    let script = r#"
+        echo "at-boot $(grep -c '^dmatest' /proc/modules)"
+        modprobe dmatest run=1 iterations=1000 threads_per_chan=2 && echo dmatest-loaded
+        lsmod | grep '^dmatest'
+        echo "release $(uname -r)"
+        modinfo dmatest | grep vermagic
+        vfio_pci_device_test -h 0000:00:00.0; echo "device-test-help-exit $?"
+        vfio_dma_mapping_test -l 0000:00:00.0 2>&1 | grep -o 'vfio_type1v2_iommu_anonymous ' | head -n 1
+        vfio_pci_driver_test; echo "driver-test-exit $?"
+        vfio-selftests; echo "vfio-selftests-exit $?"
+        grep -o '^vfio_pci ' /proc/modules
+    "#;
+    let run = guest(["run", TIMEOUT, "--", "sh", "-c", script]);
+    run.expect_status(0);
+    let out = format!("{}{}", run.stdout, run.stderr);
+    let line = |prefix: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"))
+    };
+    assert_eq!(line("at-boot "), "0", "dmatest must not load at boot");
+    assert!(run.stdout.contains("dmatest-loaded"), "{out}");
+    let release = line("release ");
+    // vermagic:       7.2.13+deb14-amd64 SMP preempt mod_unload
+    let vermagic = line("vermagic:");
+    assert!(
+        vermagic.starts_with(&format!("{release} SMP preempt mod_unload")),
+        "{vermagic} vs {release}"
+    );
+    // The harness's usage (-h exits with KSFT_SKIP, 4) and variant list.
+    assert!(out.contains("-v name  include variant"), "{out}");
+    assert_eq!(line("device-test-help-exit "), "4");
+    assert!(run.stdout.contains("vfio_type1v2_iommu_anonymous"), "{out}");
+    // Without a device the driver test skips (4) after saying how to pass one.
+    assert!(out.contains("VFIO_SELFTESTS_BDF"), "{out}");
+    assert_eq!(line("driver-test-exit "), "4");
+    assert!(
+        out.contains("no Intel I/OAT DMA function (PCI 8086:2021)"),
+        "{out}"
+    );
+    assert_eq!(line("vfio-selftests-exit "), "1");
+    // vfio-selftests loaded vfio-pci before looking for devices.
+    assert!(run.stdout.lines().any(|l| l.trim() == "vfio_pci"), "{out}");
+}

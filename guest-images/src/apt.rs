@@ -382,9 +382,14 @@ pub(crate) trait Fetcher: Send + Sync {
 #[derive(Debug, Default)]
 pub(crate) struct AptFetcher;
 
-/// Finds the file apt downloaded for `name` in `dir` (`name_version_arch.deb`).
-pub(crate) fn find_downloaded(dir: &Path, name: &str) -> Option<PathBuf> {
-    let prefix = format!("{name}_");
+/// Finds the file apt downloaded for `name` (at `version`, if given) in `dir`
+/// (`name_version_arch.deb`, the epoch's `:` written `%3a`). The version tells apart one
+/// package pinned in two suites.
+pub(crate) fn find_downloaded(dir: &Path, name: &str, version: Option<&str>) -> Option<PathBuf> {
+    let prefix = match version {
+        Some(v) => format!("{name}_{}_", v.replace(':', "%3a")),
+        None => format!("{name}_"),
+    };
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -425,7 +430,7 @@ impl Fetcher for AptFetcher {
         }
         pins.iter()
             .map(|p| {
-                find_downloaded(dest, &p.name).ok_or_else(|| Error::Command {
+                find_downloaded(dest, &p.name, p.version.as_deref()).ok_or_else(|| Error::Command {
                     command: "apt-get download".into(),
                     detail: format!("no .deb for {} was written", p.spec()),
                 })
@@ -551,6 +556,43 @@ mod tests {
         assert!(!glob_match("a*b*c", "ac"));
         assert!(glob_match("exact", "exact"));
         assert!(!glob_match("exact", "exactly"));
+    }
+
+    #[test]
+    fn finds_downloads_by_name_and_version() {
+        let dir = std::env::temp_dir().join(format!("guest-images-dl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "libc6_2.41-12+deb13u5_amd64.deb",
+            "libc6_2.43-7_amd64.deb",
+            "libc6-dev_2.43-7_amd64.deb",
+            "zlib1g_1%3a1.3.dfsg+really1.3.2-4_amd64.deb",
+        ] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let found = |n: &str, v: Option<&str>| {
+            find_downloaded(&dir, n, v)
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            found("libc6", Some("2.41-12+deb13u5")).as_deref(),
+            Some("libc6_2.41-12+deb13u5_amd64.deb")
+        );
+        assert_eq!(
+            found("libc6", Some("2.43-7")).as_deref(),
+            Some("libc6_2.43-7_amd64.deb")
+        );
+        assert_eq!(
+            found("zlib1g", Some("1:1.3.dfsg+really1.3.2-4")).as_deref(),
+            Some("zlib1g_1%3a1.3.dfsg+really1.3.2-4_amd64.deb")
+        );
+        assert_eq!(found("libc6", Some("2.40-1")), None);
+        assert_eq!(
+            found("libc6-dev", None).as_deref(),
+            Some("libc6-dev_2.43-7_amd64.deb")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -12,14 +12,16 @@ use sha2::{Digest, Sha256};
 use crate::apt::{AptFetcher, Fetcher, PrivateApt, resolve_newest};
 use crate::cpio::{Archive, Node};
 use crate::deb::{self, Entry};
+use crate::kbuild;
 use crate::kernel::{self, ModuleIndex, ModuleSet};
 use crate::lock::{ImageSpec, Lock, Pin, parse_images_conf};
 use crate::{
-    CACHE_DIR_ENV, EMBEDDED_CONF, EMBEDDED_LOCK, Error, INIT_SCRIPTS, progress, run_capture,
+    CACHE_DIR_ENV, EMBEDDED_CONF, EMBEDDED_LOCK, Error, GUEST_PROGRAMS, INIT_SCRIPTS, progress,
+    run_capture,
 };
 
 /// Bump when the pipeline changes its output for the same inputs; part of every input hash.
-const BUILDER_VERSION: &str = "1";
+const BUILDER_VERSION: &str = "2";
 
 /// Name of the host image in `images.conf`.
 const HOST_IMAGE: &str = "host";
@@ -131,6 +133,10 @@ struct Recipe {
     spec: ImageSpec,
     init: String,
     pins: Vec<Pin>,
+    /// The packages of the build root (`build-root =`), empty if the image builds nothing.
+    build_pins: Vec<Pin>,
+    /// `(name, script)` of the image's `program =` lines.
+    programs: Vec<(String, String)>,
     suites: Vec<String>,
     vmlinux: bool,
 }
@@ -149,8 +155,32 @@ impl Recipe {
         for m in &self.spec.modules {
             h.update(format!("module {m}\n"));
         }
+        for m in &self.spec.extra_modules {
+            h.update(format!("extra-module {m}\n"));
+        }
         h.update(format!("init {} {}\n", self.spec.init, self.init.len()));
         h.update(self.init.as_bytes());
+        for (name, text) in &self.programs {
+            h.update(format!("program {name} {}\n", text.len()));
+            h.update(text.as_bytes());
+        }
+        if self.spec.builds() {
+            for p in &self.build_pins {
+                h.update(format!("build-pin {}\n", p.fingerprint()));
+            }
+            for m in &self.spec.build_modules {
+                h.update(format!("build-module {m}\n"));
+            }
+            for t in &self.spec.build_selftests {
+                h.update(format!("build-selftest {t}\n"));
+            }
+            let support = std::iter::once(("build.sh", kbuild::BUILD_SCRIPT))
+                .chain(kbuild::SUPPORT_FILES.iter().copied());
+            for (name, text) in support {
+                h.update(format!("kbuild {name} {}\n", text.len()));
+                h.update(text.as_bytes());
+            }
+        }
         crate::hex(&h.finalize())[..16].to_string()
     }
 }
@@ -382,8 +412,8 @@ impl ImageStore {
             if load_built(&self.image_dir(&r)).is_some() {
                 continue;
             }
-            for p in r.pins {
-                if !pins.iter().any(|q| q.name == p.name) {
+            for p in r.pins.into_iter().chain(r.build_pins) {
+                if !pins.iter().any(|q| q.name == p.name && q.suite == p.suite) {
                     pins.push(p);
                 }
             }
@@ -451,11 +481,44 @@ impl ImageStore {
         for p in &pins {
             p.resolved()?;
         }
+        let build_pins = match &spec.build_root {
+            Some(root) if spec.builds() => {
+                let build_pins = lock.pins_for(root);
+                if build_pins.is_empty() {
+                    return Err(Error::Conf(format!(
+                        "image {image}: build root `{root}` has no packages in images.lock"
+                    )));
+                }
+                for p in &build_pins {
+                    p.resolved()?;
+                }
+                build_pins
+            }
+            _ => Vec::new(),
+        };
+        let programs = spec
+            .programs
+            .iter()
+            .map(|name| {
+                GUEST_PROGRAMS
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(n, text)| (n.to_string(), text.to_string()))
+                    .ok_or_else(|| {
+                        Error::Conf(format!(
+                            "image {image}: program `{name}` is not one of guest-images/guest-bin/ \
+                             (GUEST_PROGRAMS)"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         Ok(Recipe {
             vmlinux: image.starts_with(GUEST_PREFIX),
             spec,
             init,
             pins,
+            build_pins,
+            programs,
             suites: lock.suites(),
         })
     }
@@ -601,7 +664,35 @@ impl ImageStore {
         for deb in &debs {
             packages.push(deb::read_deb(deb, &keep_entry)?);
         }
-        let layout = classify(name, packages)?;
+        let mut layout = classify(name, packages)?;
+        let built = if r.spec.builds() {
+            let debs = self.ensure_debs(&r.build_pins, &r.suites)?;
+            let debs: Vec<(Pin, PathBuf)> = r.build_pins.iter().cloned().zip(debs).collect();
+            progress(&format!(
+                "{name}: compiling {} from the kernel source",
+                r.spec
+                    .build_modules
+                    .iter()
+                    .chain(&r.spec.build_selftests)
+                    .map(|s| s.rsplit('/').next().unwrap_or(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            let started = std::time::Instant::now();
+            let work = TempDir(out.join("kbuild"));
+            let built = kbuild::build(&r.spec, &layout.release, &debs, &work.0)?;
+            drop(work);
+            progress(&format!(
+                "{name}: {} modules and {} selftests built from the kernel source in {:.1}s",
+                built.modules.len(),
+                built.programs.len(),
+                started.elapsed().as_secs_f64()
+            ));
+            built
+        } else {
+            kbuild::Outputs::default()
+        };
+        add_built_modules(&mut layout, &built)?;
 
         let mut sums = String::new();
         let mut emit = |file: &str, data: &[u8]| -> Result<(), Error> {
@@ -613,13 +704,29 @@ impl ImageStore {
         if r.vmlinux {
             emit("vmlinux", &kernel::extract_vmlinux(&layout.vmlinuz)?)?;
         }
-        let modules = kernel::resolve_modules(
+        // Carried modules (extra and built ones) join the closure but are not loaded at boot.
+        let requested: Vec<String> = r
+            .spec
+            .modules
+            .iter()
+            .chain(&r.spec.extra_modules)
+            .cloned()
+            .chain(built.modules.iter().map(|(n, _)| n.clone()))
+            .collect();
+        let mut modules = kernel::resolve_modules(
             &layout.modules,
-            &r.spec.modules,
+            &requested,
             &layout.release,
             &kernel::decompress_module,
         )?;
-        let archive = initramfs(r, &layout, &modules, out)?;
+        let at_boot: Vec<String> = r
+            .spec
+            .modules
+            .iter()
+            .map(|m| kernel::normalize_module(m))
+            .collect();
+        modules.load.retain(|m| at_boot.contains(m));
+        let archive = initramfs(r, &layout, &modules, &built, out)?;
         emit("initramfs.cpio", &archive.to_bytes())?;
 
         let info = format!(
@@ -769,6 +876,41 @@ fn keep_entry(path: &str) -> bool {
             rest == "vmlinuz" || rest == "modules.builtin" || kernel::is_module_file(rest)
         }
     }
+}
+
+/// Subdirectory of `lib/modules/<release>/` for modules built out of tree (as kbuild's
+/// `modules_install` puts external modules).
+const BUILT_MODULE_DIR: &str = "updates";
+
+/// Adds the modules built out of tree to the image's module index, after checking that their
+/// vermagic is the one of the kernel's own modules.
+fn add_built_modules(layout: &mut Layout, built: &kbuild::Outputs) -> Result<(), Error> {
+    if built.modules.is_empty() {
+        return Ok(());
+    }
+    let reference = layout
+        .modules
+        .by_name
+        .values()
+        .next()
+        .ok_or_else(|| Error::Module("the kernel packages contain no modules".into()))?;
+    let expected = kbuild::vermagic(&kernel::decompress_module(reference)?);
+    for (name, ko) in &built.modules {
+        let got = kbuild::vermagic(ko);
+        if got != expected {
+            return Err(Error::Module(format!(
+                "{name}.ko was built with vermagic {:?}, the kernel's modules have {:?}: \
+                 pin the headers and compiler of kernel {} in the build root",
+                got.unwrap_or_default(),
+                expected.unwrap_or_default(),
+                layout.release
+            )));
+        }
+        layout
+            .modules
+            .add_file(&format!("{BUILT_MODULE_DIR}/{name}.ko"), ko.clone())?;
+    }
+    Ok(())
 }
 
 /// Sorts packages into kernel packages (with `lib/modules/<release>` or
@@ -978,12 +1120,31 @@ fn initramfs(
     r: &Recipe,
     layout: &Layout,
     modules: &ModuleSet,
+    built: &kbuild::Outputs,
     scratch: &Path,
 ) -> Result<Archive, Error> {
     let mut a = Archive::new();
     skeleton(&mut a);
     for entries in &layout.userland {
         add_package(&mut a, entries)?;
+    }
+    for (name, data) in &built.programs {
+        a.insert(
+            &format!("usr/bin/{name}"),
+            Node::File {
+                perm: 0o755,
+                data: data.clone(),
+            },
+        )?;
+    }
+    for (name, text) in &r.programs {
+        a.insert(
+            &format!("usr/bin/{name}"),
+            Node::File {
+                perm: 0o755,
+                data: text.as_bytes().to_vec(),
+            },
+        )?;
     }
     add_busybox_applets(&mut a, &r.spec.name, scratch)?;
 

@@ -9,7 +9,8 @@
 //!
 //! Inputs live next to this crate and are embedded in the binary: `images.lock` (every
 //! package pinned by name, version, suite and sha256; see [`lock`]), `images.conf` (the
-//! images, their init scripts and kernel modules) and `init/*.sh`.
+//! images, their init scripts, kernel modules, out-of-tree builds and programs), `init/*.sh`,
+//! `guest-bin/*` and `kbuild/*`.
 //!
 //! Cache layout (`$VMM_CACHE_DIR`, default `~/.cache/vmm`):
 //!
@@ -21,8 +22,10 @@
 //! images/.tmp-*                        builds in progress (stale ones are removed)
 //! ```
 //!
-//! The input hash covers the builder version, the image's pins, modules and init script, so
-//! changing any of them builds a new directory. A warm cache does not touch the network.
+//! The input hash covers the builder version, the image's pins, modules, init script and
+//! programs, and the build root and `kbuild/` files of images that compile kernel modules and
+//! selftests from the kernel source (`src/kbuild.rs`), so changing any of them builds a new
+//! directory. A warm cache does not touch the network.
 
 pub mod cpio;
 pub mod lock;
@@ -32,6 +35,7 @@ mod apt;
 mod build;
 mod deb;
 mod debver;
+mod kbuild;
 mod kernel;
 
 use std::io::{IsTerminal, Read};
@@ -58,6 +62,13 @@ pub const INIT_SCRIPTS: &[(&str, &str)] = &[
     ("guest-init.sh", include_str!("../init/guest-init.sh")),
     ("host-init.sh", include_str!("../init/host-init.sh")),
 ];
+
+/// Scripts installed into a guest's `/usr/bin` by `program =` lines of `images.conf`, by name
+/// (files of `guest-images/guest-bin/`).
+pub const GUEST_PROGRAMS: &[(&str, &str)] = &[(
+    "vfio-selftests",
+    include_str!("../guest-bin/vfio-selftests"),
+)];
 
 /// Errors of the image builder. Every message is one line and says what to do where possible.
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +277,7 @@ pub(crate) fn run_streaming<T>(
     run_with(cmd, None, false, consume)
 }
 
-fn run_with<T>(
+pub(crate) fn run_with<T>(
     cmd: &mut Command,
     input: Option<&[u8]>,
     tolerate_failure: bool,

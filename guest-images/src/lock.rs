@@ -15,12 +15,15 @@
 //!   resolves to the newest matching package of the suite; defaults to the package name. Kernel
 //!   packages carry their ABI in the name, so their pattern has a `*` where the version goes.
 //!
-//! `#` starts a comment. Comments and blank lines are kept when the file is rewritten.
+//! A package may appear once per suite (a build root's sid `libc6` next to the guests' trixie
+//! `libc6`). `#` starts a comment. Comments and blank lines are kept when the file is rewritten.
 //!
 //! `images.conf` lists the images: a `[name]` section per image (`guest-<profile>` for guest
 //! profiles, `host` for the nested-KVM host) with `init = <script in init/>` and any number of
 //! `module = <name> [<name>...]` lines (kernel modules loaded at boot; dependencies are added
-//! automatically).
+//! automatically), `extra-module =` (carried, loaded on request), `build-root = <set>` with
+//! `build-module = <source.c>` / `build-selftest = <suite>/<test>` (compiled from the kernel
+//! source by the lock's packages of that set) and `program = <guest-bin script>`.
 
 use std::fmt::Write as _;
 
@@ -171,8 +174,10 @@ impl Lock {
                 Some(t) if valid_name(t, "*") => (*t != name).then(|| t.to_string()),
                 Some(t) => return Err(err(format!("invalid track pattern `{t}` for {name}"))),
             };
-            if pins.iter().any(|p| p.name == name) {
-                return Err(err(format!("package {name} is listed twice")));
+            // A package may be pinned once per suite: the guest's userland (trixie) and a build
+            // root (sid) can both need e.g. libc6.
+            if pins.iter().any(|p| p.name == name && p.suite == suite) {
+                return Err(err(format!("package {name} is listed twice for {suite}")));
             }
             lines.push(Line::Pin(pins.len()));
             pins.push(Pin {
@@ -266,6 +271,58 @@ pub struct ImageSpec {
     pub init: String,
     /// Kernel modules to load at boot, in order.
     pub modules: Vec<String>,
+    /// Kernel modules carried in the image (and in its `modules.dep`) but loaded only on
+    /// request (`extra-module =`).
+    pub extra_modules: Vec<String>,
+    /// The lock-file set (the name in the images column) of the build root that compiles
+    /// `build_modules` and `build_selftests` (`build-root =`).
+    pub build_root: Option<String>,
+    /// Kernel module sources, relative to the kernel source tree, built out of tree and carried
+    /// like `extra_modules` (`build-module = drivers/dma/dmatest.c`).
+    pub build_modules: Vec<String>,
+    /// Kernel selftests built into `/usr/bin`, as `<suite>/<test>` under
+    /// `tools/testing/selftests/` (`build-selftest = vfio/vfio_pci_device_test`).
+    pub build_selftests: Vec<String>,
+    /// Scripts of `guest-images/guest-bin/` installed into `/usr/bin` (`program =`).
+    pub programs: Vec<String>,
+}
+
+impl ImageSpec {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            init: String::new(),
+            modules: Vec::new(),
+            extra_modules: Vec::new(),
+            build_root: None,
+            build_modules: Vec::new(),
+            build_selftests: Vec::new(),
+            programs: Vec::new(),
+        }
+    }
+
+    /// Whether the image compiles anything from the kernel source.
+    pub fn builds(&self) -> bool {
+        !self.build_modules.is_empty() || !self.build_selftests.is_empty()
+    }
+}
+
+fn valid_module_name(m: &str) -> bool {
+    !m.is_empty()
+        && m.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+/// A relative path of plain components (`a/b_c-1.d`), no `.`/`..`.
+fn valid_rel_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.+".contains(&b))
+        })
 }
 
 /// Parses `images.conf`.
@@ -286,11 +343,7 @@ pub fn parse_images_conf(text: &str) -> Result<Vec<ImageSpec>, Error> {
             if specs.iter().any(|s| s.name == name) {
                 return Err(err(format!("image `{name}` is defined twice")));
             }
-            specs.push(ImageSpec {
-                name: name.to_string(),
-                init: String::new(),
-                modules: Vec::new(),
-            });
+            specs.push(ImageSpec::new(name));
             continue;
         }
         let Some((key, value)) = line.split_once('=') else {
@@ -304,23 +357,64 @@ pub fn parse_images_conf(text: &str) -> Result<Vec<ImageSpec>, Error> {
         let value = value.trim();
         match key.trim() {
             "init" => spec.init = value.to_string(),
-            "module" | "modules" => {
+            k @ ("module" | "modules" | "extra-module") => {
                 for m in value.split_whitespace() {
-                    if !m
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-                    {
+                    if !valid_module_name(m) {
                         return Err(err(format!("invalid module name `{m}`")));
                     }
-                    spec.modules.push(m.to_string());
+                    match k {
+                        "extra-module" => spec.extra_modules.push(m.to_string()),
+                        _ => spec.modules.push(m.to_string()),
+                    }
+                }
+            }
+            "build-root" => {
+                if !valid_name(value, "") {
+                    return Err(err(format!("invalid build root name `{value}`")));
+                }
+                spec.build_root = Some(value.to_string());
+            }
+            "build-module" => {
+                for m in value.split_whitespace() {
+                    if !valid_rel_path(m) || !m.ends_with(".c") {
+                        return Err(err(format!(
+                            "`{m}` is not a kernel source file like drivers/dma/dmatest.c"
+                        )));
+                    }
+                    spec.build_modules.push(m.to_string());
+                }
+            }
+            "build-selftest" => {
+                for t in value.split_whitespace() {
+                    if !valid_rel_path(t) || t.split('/').count() != 2 {
+                        return Err(err(format!(
+                            "`{t}` is not a selftest like vfio/vfio_pci_device_test"
+                        )));
+                    }
+                    spec.build_selftests.push(t.to_string());
+                }
+            }
+            "program" => {
+                for p in value.split_whitespace() {
+                    if !valid_rel_path(p) || p.contains('/') {
+                        return Err(err(format!("invalid program name `{p}`")));
+                    }
+                    spec.programs.push(p.to_string());
                 }
             }
             k => {
                 return Err(err(format!(
-                    "unknown key `{k}` (expected `init` or `module`)"
+                    "unknown key `{k}` (expected init, module, extra-module, build-root, \
+                     build-module, build-selftest or program)"
                 )));
             }
         }
+    }
+    if let Some(s) = specs.iter().find(|s| s.builds() && s.build_root.is_none()) {
+        return Err(Error::Conf(format!(
+            "image `{}` builds modules or selftests but has no `build-root =` line",
+            s.name
+        )));
     }
     if let Some(s) = specs.iter().find(|s| s.init.is_empty()) {
         return Err(Error::Conf(format!(
@@ -387,6 +481,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("twice") && e.contains("line 2"), "{e}");
+        // Once per suite is fine.
+        let two = Lock::parse(&format!("foo 1.0 sid {SHA} g\nfoo 0.9 trixie {SHA} h\n")).unwrap();
+        assert_eq!(two.pins_for("g")[0].version.as_deref(), Some("1.0"));
+        assert_eq!(two.pins_for("h")[0].suite, "trixie");
         let e = Lock::parse(&format!("Foo 1.0 sid {SHA} g\n"))
             .unwrap_err()
             .to_string();
@@ -405,5 +503,36 @@ mod tests {
         assert!(parse_images_conf("module = x\n").is_err());
         assert!(parse_images_conf("[a]\nfoo = x\n").is_err());
         assert!(parse_images_conf("[a]\nmodule = x\n").is_err());
+    }
+
+    #[test]
+    fn images_conf_build_keys() {
+        let specs = parse_images_conf(
+            "[g]\ninit = i\nextra-module = vfio-pci vfio_iommu_type1\nbuild-root = kb-1\n\
+             build-module = drivers/dma/dmatest.c\nbuild-selftest = vfio/a_test vfio/b\n\
+             program = tool\n",
+        )
+        .unwrap();
+        let g = &specs[0];
+        assert!(g.modules.is_empty());
+        assert_eq!(g.extra_modules, ["vfio-pci", "vfio_iommu_type1"]);
+        assert_eq!(g.build_root.as_deref(), Some("kb-1"));
+        assert_eq!(g.build_modules, ["drivers/dma/dmatest.c"]);
+        assert_eq!(g.build_selftests, ["vfio/a_test", "vfio/b"]);
+        assert_eq!(g.programs, ["tool"]);
+        assert!(g.builds());
+        for bad in [
+            "build-module = ../x.c",
+            "build-module = drivers/dma/dmatest.h",
+            "build-selftest = vfio",
+            "build-selftest = a/b/c",
+            "program = a/b",
+            "extra-module = a.b",
+        ] {
+            let text = format!("[g]\ninit = i\nbuild-root = r\n{bad}\n");
+            assert!(parse_images_conf(&text).is_err(), "{bad}");
+        }
+        let e = parse_images_conf("[g]\ninit = i\nbuild-module = a.c\n").unwrap_err();
+        assert!(e.to_string().contains("build-root"), "{e}");
     }
 }

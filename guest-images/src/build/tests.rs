@@ -574,13 +574,40 @@ fn embedded_inputs_are_consistent() {
         }
         s.recipe(&spec.name).unwrap();
     }
+    // Every pin belongs to images or build roots only.
     for p in lock.pins() {
         assert!(
-            p.images.iter().all(|i| specs.iter().any(|s| s.name == *i)),
+            p.images.iter().all(|i| specs
+                .iter()
+                .any(|s| s.name == *i || s.build_root.as_deref() == Some(i))),
             "{}",
             p.name
         );
     }
+    // The build roots: the kernel's source and headers, programs and modules named in the
+    // images.
+    let guest = specs.iter().find(|s| s.name == "guest-7.2").unwrap();
+    let root = lock.pins_for(guest.build_root.as_deref().unwrap());
+    for needed in [
+        "linux-source-7.2",
+        "gcc-16",
+        "pahole",
+        "libc6-dev",
+        "uuid-dev",
+    ] {
+        assert!(root.iter().any(|p| p.name == needed), "{needed}");
+    }
+    assert!(root.iter().any(|p| p.name.starts_with("linux-headers-")));
+    assert_eq!(guest.build_modules, ["drivers/dma/dmatest.c"]);
+    assert_eq!(guest.programs, ["vfio-selftests"]);
+    // libc6 is pinned twice: trixie for the guests, sid for the build root.
+    let libc: Vec<&str> = lock
+        .pins()
+        .iter()
+        .filter(|p| p.name == "libc6")
+        .map(|p| p.suite.as_str())
+        .collect();
+    assert_eq!(libc, ["trixie", "sid"]);
     // Pattern tracking must still select the pinned package itself.
     for p in lock.pins() {
         assert!(crate::apt::glob_match(p.pattern(), &p.name), "{}", p.name);
@@ -589,7 +616,7 @@ fn embedded_inputs_are_consistent() {
 
 #[test]
 fn init_scripts_parse() {
-    for (name, text) in INIT_SCRIPTS {
+    for (name, text) in INIT_SCRIPTS.iter().chain(crate::GUEST_PROGRAMS) {
         let out = Command::new("sh")
             .arg("-n")
             .arg("-c")

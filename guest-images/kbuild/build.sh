@@ -1,0 +1,87 @@
+#!/bin/sh
+# Compiles the out-of-tree kernel modules and kernel selftests of a guest image with the compiler
+# that built its kernel. Run by guest-images/src/kbuild.rs, which unpacks the pinned build root
+# (sid's gcc, binutils, pahole, kernel headers and kbuild; every ELF program wrapped to run on
+# the build root's own ld.so and libraries) and the needed members of linux-source.
+#
+# Environment: ROOT (build root), SRC (kernel source tree, partial), WORK (scratch directory),
+# OUT (results: <module>.ko, <selftest>), SUPPORT (selftest-compat.{c,h}), KREL (kernel
+# release), MODULES (source files relative to SRC), SELFTESTS (<suite>/<test> under
+# tools/testing/selftests), JOBS.
+#
+# Reproducibility: nothing here depends on the directory names (-ffile-prefix-map maps ROOT,
+# SRC and WORK away; modules are stripped of debug info), the date or the locale.
+set -eu
+export LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=0 KBUILD_BUILD_TIMESTAMP=@0
+export KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=vmm
+export PATH="$ROOT/usr/bin:/usr/bin:/bin"
+unset CFLAGS CPPFLAGS LDFLAGS MAKEFLAGS MFLAGS GCC_EXEC_PREFIX COMPILER_PATH LIBRARY_PATH CPATH \
+    C_INCLUDE_PATH LD_LIBRARY_PATH || true
+
+HDR="$ROOT/usr/src/linux-headers-$KREL"
+[ -f "$HDR/.config" ] || { echo "no $HDR/.config: pin linux-headers-$KREL in the build root" >&2; exit 1; }
+
+# The compiler named and versioned by the kernel's configuration, e.g.
+# CONFIG_CC_VERSION_TEXT="x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0".
+cc_text=$(sed -n 's/^CONFIG_CC_VERSION_TEXT="\(.*\)"$/\1/p' "$HDR/.config")
+CC=${cc_text%% *}
+have=$("$CC" --version | head -n 1) || have="(cannot run $CC)"
+if [ "$have" != "$cc_text" ]; then
+    echo "the build root's $CC is '$have' but $KREL was built with '$cc_text': pin that compiler in images.lock" >&2
+    exit 1
+fi
+CROSS=${CC%gcc*}
+
+# The headers' Makefile includes the common headers by their installed path.
+sed -i "s| /usr/src/| $ROOT/usr/src/|g; s|=/usr/src/|=$ROOT/usr/src/|g" "$HDR/Makefile"
+
+MAP="-ffile-prefix-map=$ROOT= -ffile-prefix-map=$SRC=linux-source -ffile-prefix-map=$WORK=build"
+mkdir -p "$OUT"
+
+for m in $MODULES; do
+    name=$(basename "$m" .c)
+    dir="$WORK/module-$name"
+    mkdir -p "$dir"
+    cp "$SRC/$m" "$dir/"
+    echo "obj-m := $name.o" > "$dir/Kbuild"
+    echo "building $name.ko" >&2
+    make -s -j"$JOBS" -C "$HDR" M="$dir" KCFLAGS="$MAP" modules
+    "${CROSS}strip" --strip-debug -o "$OUT/$name.ko" "$dir/$name.ko"
+done
+
+# Selftests: static programs (the guest's glibc is older than the build root's), compiled like
+# the suite's Makefile does (its lib/ sources included) against the build root's libc and the
+# kernel's uapi headers (linux-libc-dev of the same kernel).
+CFLAGS="-O2 -Wall -Wno-address-of-packed-member -D_GNU_SOURCE= -I$SRC/tools/testing/selftests -I$SRC/tools/include $MAP"
+for t in $SELFTESTS; do
+    suite=${t%%/*}
+    test=${t#*/}
+    sdir="$SRC/tools/testing/selftests/$suite"
+    obj="$WORK/selftest-$suite"
+    mkdir -p "$obj"
+    libs=""
+    extra=""
+    case $suite in
+    vfio)
+        # lib/libvfio.mk: lib/*.c and, on x86, the ioat and dsa drivers; -luuid.
+        extra="-I$sdir/lib/include -include $SUPPORT/selftest-compat.h"
+        libs=""
+        for c in "$sdir"/lib/*.c "$sdir"/lib/drivers/*/*.c; do
+            rel=${c#"$sdir/lib/"}
+            o="$obj/lib-$(echo "${rel%.c}" | tr / -).o"
+            [ -f "$o" ] || "$CC" --sysroot="$ROOT" $CFLAGS $extra -c "$c" -o "$o"
+            libs="$libs $o"
+        done
+        [ -f "$obj/compat.o" ] || "$CC" --sysroot="$ROOT" $CFLAGS -c "$SUPPORT/selftest-compat.c" -o "$obj/compat.o"
+        libs="$libs $obj/compat.o -luuid"
+        ;;
+    *)
+        echo "selftest suite $suite is not supported by guest-images/kbuild/build.sh" >&2
+        exit 1
+        ;;
+    esac
+    echo "building $test" >&2
+    "$CC" --sysroot="$ROOT" $CFLAGS $extra -c "$sdir/$test.c" -o "$obj/$test.o"
+    # shellcheck disable=SC2086 # $libs is a list of objects and a flag
+    "$CC" --sysroot="$ROOT" -static -pthread -o "$OUT/$test" "$obj/$test.o" $libs
+done
