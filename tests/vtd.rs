@@ -114,6 +114,22 @@ fn guest_enables_dma_remapping_in_scalable_mode() {
         "the guest's qi_submit_sync waits: {state}"
     );
     assert_eq!(state["counters"]["queue_errors"], 0, "{state}");
+    // The caches' counters, the devices the guest attached, no injections pending.
+    assert!(state["counters"]["iotlb"]["hits"].is_u64(), "{state}");
+    assert!(
+        state["counters"]["context_cache"]["misses"].is_u64(),
+        "{state}"
+    );
+    assert!(
+        state["devices"].as_array().is_some_and(|d| !d.is_empty()),
+        "the guest attached devices (a present context each): {state}"
+    );
+    assert_eq!(
+        state["pending_fault_injections"],
+        serde_json::json!([]),
+        "{state}"
+    );
+    eprintln!("iommu-state: {state}");
     assert_eq!(status, Some(143), "SIGTERM ends the run: {out}");
     assert_remapping_on(&out);
     let ecap = field(&out, "ecap");

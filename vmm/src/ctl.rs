@@ -199,9 +199,20 @@ enum CtlRequest {
         #[arg(long, value_parser = number)]
         corrected_persistent_errors: Option<u64>,
     },
-    /// Report the VT-d unit's state (`--iommu vtd`): mode, enabled features, counters.
+    /// Report the VT-d unit's state (`--iommu vtd`): mode, enabled features, devices with a
+    /// context, counters, pending fault injections.
     #[command(name = "iommu-state", visible_alias = "iommu")]
     IommuState,
+    /// Make the next N DMA translations of a device fail with a VT-d translation fault.
+    #[command(name = "iommu-inject-fault")]
+    IommuInjectFault {
+        /// PCI address of the requester, e.g. 00:03.0.
+        #[arg(long, value_parser = bdf)]
+        device: String,
+        /// How many translations fail (1..=65535).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
+        count: u32,
+    },
     /// Report the I/OAT DMA engines (`--ioat`): per channel its state, CHANERR and counters.
     #[command(name = "ioat-state", visible_alias = "ioat")]
     IoatState,
@@ -217,6 +228,9 @@ impl CtlRequest {
         Ok(match self {
             CtlRequest::Devices => json!({"command": "query-devices"}),
             CtlRequest::IommuState => json!({"command": "iommu-state"}),
+            CtlRequest::IommuInjectFault { device, count } => {
+                json!({"command": "iommu-inject-fault", "device": device, "count": count})
+            }
             CtlRequest::IoatState => json!({"command": "ioat-state"}),
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
             CtlRequest::InjectPoison(r) => r.request("cxl-inject-poison"),
@@ -326,9 +340,76 @@ pub fn run(args: &CtlArgs) -> Result<(), String> {
     }
 }
 
+/// A PCI address `BB:DD.F` (hex), as `iommu-inject-fault` takes it.
+fn bdf(text: &str) -> Result<String, String> {
+    crate::control::parse_bdf(text)
+        .map(|_| text.to_string())
+        .ok_or_else(|| format!("'{text}' is not a PCI address like 00:03.0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Value, String> {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(
+            ["ctl", "--control", "/nonexistent"]
+                .iter()
+                .chain(args.iter()),
+        )
+        .map_err(|e| e.to_string())?;
+        cli.ctl.request.to_json()
+    }
+
+    #[test]
+    fn iommu_inject_fault_checks_the_device_and_count() {
+        assert_eq!(
+            parse(&["iommu-inject-fault", "--device", "00:03.0"]).unwrap(),
+            json!({"command": "iommu-inject-fault", "device": "00:03.0", "count": 1})
+        );
+        assert_eq!(
+            parse(&[
+                "iommu-inject-fault",
+                "--device",
+                "0a:1f.7",
+                "--count",
+                "65535"
+            ])
+            .unwrap()["count"],
+            65535
+        );
+        for (args, needle) in [
+            (
+                &["iommu-inject-fault", "--device", "00:32.0"][..],
+                "'00:32.0'",
+            ),
+            (&["iommu-inject-fault", "--device", "zz"][..], "'zz'"),
+            (
+                &["iommu-inject-fault", "--device", "00:03.0", "--count", "0"][..],
+                "0",
+            ),
+            (
+                &[
+                    "iommu-inject-fault",
+                    "--device",
+                    "00:03.0",
+                    "--count",
+                    "70000",
+                ][..],
+                "70000",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
 
     #[test]
     fn numbers_in_decimal_and_hex() {

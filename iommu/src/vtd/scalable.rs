@@ -155,6 +155,21 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
     request: &ScalableRequest,
     address_width: u8,
 ) -> Result<(PasidEntry, u32), u8> {
+    let context = lookup_context(memory, root_table, source_id, address_width)?;
+    let pasid = context.pasid_for(request.pasid)?;
+    let entry = lookup_pasid_in_context(memory, &context, pasid, address_width)?;
+    Ok((entry, pasid))
+}
+
+/// Looks up the scalable-mode context entry of `source_id` (VT-d 9.2, 9.4): the root entry's
+/// lower or upper half by devfn, then the 256-bit context entry; present and reserved bits
+/// checked.
+pub fn lookup_context<M: GuestMemoryBackend>(
+    memory: &M,
+    root_table: u64,
+    source_id: u16,
+    address_width: u8,
+) -> Result<ScalableContextEntry, u8> {
     let bus = u64::from(source_id >> 8);
     let devfn = u64::from(source_id & 0xff);
     let root: ScalableRootEntry = read_entry(memory, root_table, bus * 16, reason::ROOT_ACCESS)?;
@@ -178,19 +193,52 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
     if qw0 & 0x1e0 != 0 || context.qw[2] != 0 || context.qw[3] != 0 {
         return Err(reason::CONTEXT_RESERVED);
     }
-    let pasid = match request.pasid {
-        Some(p) => {
-            if qw0 & (1 << 3) == 0 {
-                return Err(reason::PASIDE_CLEAR);
-            }
-            p & 0xf_ffff
+    Ok(context)
+}
+
+impl ScalableContextEntry {
+    /// PASID Enable: requests with a PASID are allowed.
+    pub fn pasid_enabled(&self) -> bool {
+        self.qw[0] & (1 << 3) != 0
+    }
+
+    /// Device-TLB Enable.
+    pub fn device_tlb_enabled(&self) -> bool {
+        self.qw[0] & (1 << 2) != 0
+    }
+
+    /// RID_PASID: the PASID of requests without one.
+    pub fn rid_pasid(&self) -> u32 {
+        (self.qw[1] & 0xf_ffff) as u32
+    }
+
+    /// Entries in the PASID directory: 2^(PDTS + 7).
+    pub fn directory_entries(&self) -> u64 {
+        1u64 << (((self.qw[0] >> 9) & 7) + 7)
+    }
+
+    /// The PASID a request uses: its own (PASIDE must be set) or RID_PASID.
+    pub fn pasid_for(&self, requested: Option<u32>) -> Result<u32, u8> {
+        match requested {
+            Some(_) if !self.pasid_enabled() => Err(reason::PASIDE_CLEAR),
+            Some(p) => Ok(p & 0xf_ffff),
+            None => Ok(self.rid_pasid()),
         }
-        None => (context.qw[1] & 0xf_ffff) as u32,
-    };
-    // PASID directory: 2^(PDTS + 7) entries of 8 bytes, each for 64 PASIDs.
-    let directory_entries = 1u64 << (((qw0 >> 9) & 7) + 7);
+    }
+}
+
+/// Reads the PASID table entry of `pasid` through the PASID directory of a present, valid
+/// scalable-mode `context` (VT-d 9.5, 9.6): the directory entry (one per 64 PASIDs), then the
+/// 512-bit entry; present and reserved bits checked.
+pub fn lookup_pasid_in_context<M: GuestMemoryBackend>(
+    memory: &M,
+    context: &ScalableContextEntry,
+    pasid: u32,
+    address_width: u8,
+) -> Result<PasidEntry, u8> {
+    let qw0 = context.qw[0];
     let dir_index = u64::from(pasid >> 6);
-    if dir_index >= directory_entries {
+    if dir_index >= context.directory_entries() {
         return Err(reason::PASID_TOO_LARGE);
     }
     let dir: u64 = read_entry(
@@ -214,7 +262,7 @@ pub fn lookup_pasid_entry<M: GuestMemoryBackend>(
     if entry.qw[0] & 1 == 0 {
         return Err(reason::PASID_NOT_PRESENT);
     }
-    Ok((entry, pasid))
+    Ok(entry)
 }
 
 impl PasidEntry {
@@ -281,6 +329,44 @@ pub fn first_stage_walk<M: GuestMemoryBackend>(
     write_protect: bool,
     address_width: u8,
 ) -> Result<Leaf, u8> {
+    first_stage_walk_detailed(
+        memory,
+        root,
+        request,
+        supervisor_allowed,
+        write_protect,
+        address_width,
+    )
+    .map(|leaf| leaf.leaf)
+}
+
+/// What a successful first-stage walk found, beyond the [`Leaf`] it grants this request: the
+/// permissions ANDed over the levels and whether the leaf is now Dirty — what an IOTLB entry
+/// needs to decide later requests without walking (VT-d 6.2.1: a cached first-stage
+/// translation whose leaf is not Dirty must not complete a write without setting D).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FirstStageLeaf {
+    /// The page and what this request may do with it.
+    pub leaf: Leaf,
+    /// R/W set at every level.
+    pub writable: bool,
+    /// U/S set at every level (user requests allowed).
+    pub user: bool,
+    /// XD clear at every level.
+    pub executable: bool,
+    /// The leaf's Dirty bit is set (by this walk or before).
+    pub dirty: bool,
+}
+
+/// [`first_stage_walk`], returning the leaf's details too.
+pub fn first_stage_walk_detailed<M: GuestMemoryBackend>(
+    memory: &M,
+    root: u64,
+    request: &ScalableRequest,
+    supervisor_allowed: bool,
+    write_protect: bool,
+    address_width: u8,
+) -> Result<FirstStageLeaf, u8> {
     let address = request.walk.address;
     let sign = (address >> 47) & 1;
     let top = address >> 48;
@@ -336,12 +422,18 @@ pub fn first_stage_walk<M: GuestMemoryBackend>(
             if request.walk.write && !may_write {
                 return Err(reason::NO_WRITE);
             }
-            atomic.fetch_or(set, Ordering::AcqRel);
-            return Ok(Leaf {
-                page: frame,
-                page_size,
-                read: true,
-                write: may_write,
+            let before = atomic.fetch_or(set, Ordering::AcqRel);
+            return Ok(FirstStageLeaf {
+                leaf: Leaf {
+                    page: frame,
+                    page_size,
+                    read: true,
+                    write: may_write,
+                },
+                writable,
+                user: user_ok,
+                executable,
+                dirty: (before | set) & (1 << 6) != 0,
             });
         }
         atomic.fetch_or(set, Ordering::AcqRel);
@@ -383,16 +475,20 @@ pub fn translate<M: GuestMemoryBackend>(
             address_width,
         ),
         PasidTranslation::SecondStage(context) => {
-            second_stage_walk(memory, &context, request.walk, address_width, large_pages).map_err(
-                |legacy| match legacy {
-                    super::tables::reason::BEYOND_MGAW => reason::BEYOND_MAX,
-                    super::tables::reason::NO_WRITE => reason::NO_WRITE,
-                    super::tables::reason::NO_READ => reason::NO_READ,
-                    super::tables::reason::BAD_TABLE_POINTER => reason::SECOND_STAGE_ACCESS,
-                    _ => reason::SECOND_STAGE_RESERVED,
-                },
-            )
+            second_stage_walk(memory, &context, request.walk, address_width, large_pages)
+                .map_err(second_stage_reason)
         }
+    }
+}
+
+/// The scalable-mode fault reason for a second-stage walk's legacy-mode one.
+pub fn second_stage_reason(legacy: u8) -> u8 {
+    match legacy {
+        super::tables::reason::BEYOND_MGAW => reason::BEYOND_MAX,
+        super::tables::reason::NO_WRITE => reason::NO_WRITE,
+        super::tables::reason::NO_READ => reason::NO_READ,
+        super::tables::reason::BAD_TABLE_POINTER => reason::SECOND_STAGE_ACCESS,
+        _ => reason::SECOND_STAGE_RESERVED,
     }
 }
 

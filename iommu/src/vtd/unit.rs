@@ -10,9 +10,13 @@
 //! the scalable-mode one ([`super::scalable`]); a failed walk records a primary fault (and
 //! raises the fault event) and the device sees a translation fault.
 //!
-//! This unit caches nothing yet (no IOTLB, no context or PASID cache), so every invalidation
-//! is trivially honoured and every change to the tables is seen at once; the descriptors are
-//! still validated and counted.
+//! Translations go through the unit's caches ([`super::cache`], VT-d chapter 6): the context
+//! cache, the PASID cache and the IOTLB, which every invalidation the unit processes
+//! (descriptors, the CCMD and IOTLB registers, SRTP, TE) honours. Nothing not-present or
+//! faulting is ever cached.
+//!
+//! For testing device error paths, the control API can make the next N translations of a
+//! requester ID fail as a real translation fault would ([`RemappingUnit::inject_faults`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +24,13 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use super::cache::{
+    CacheCounters, CacheOccupancy, CachedContext, CachedPasid, FirstStageRights, IotlbEntry,
+    NO_PASID, TranslationCaches,
+};
 use super::registers::{FaultRecord, RegisterAction, RegisterFile, VtdConfig};
-use super::scalable::ScalableRequest;
-use super::tables::{TranslationType, WalkRequest};
+use super::scalable::{PasidTranslation, ScalableRequest};
+use super::tables::{Leaf, TranslationType, WalkRequest};
 use crate::{
     AddressType, AtcInvalidation, Completion, DeviceEndpoint, DmaAccess, DmaError, DmaRequest,
     DmaTranslator, FunctionBinding, MsiMessage, MsiSink, Pasid, RequesterId, Translation,
@@ -85,7 +93,49 @@ pub struct UnitCounters {
     pub translations: u64,
     /// Requests that faulted.
     pub faults: u64,
+    /// Faults injected through [`RemappingUnit::inject_faults`] (counted in `faults` too).
+    pub injected_faults: u64,
+    /// IOTLB lookups answered from the cache.
+    pub iotlb_hits: u64,
+    /// IOTLB lookups that walked the tables.
+    pub iotlb_misses: u64,
+    /// Context-cache lookups answered from the cache.
+    pub context_cache_hits: u64,
+    /// Context-cache lookups that read the root and context tables.
+    pub context_cache_misses: u64,
+    /// PASID-cache lookups answered from the cache.
+    pub pasid_cache_hits: u64,
+    /// PASID-cache lookups that read the PASID directory and table.
+    pub pasid_cache_misses: u64,
 }
+
+/// What translation needs from CAP/ECAP and the configuration.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    /// CAP.SAGAW.
+    sagaw: u8,
+    /// CAP.SLLPS.
+    large_pages: u8,
+    /// Host address width.
+    width: u8,
+    /// ECAP.SMTS.
+    scalable: bool,
+}
+
+impl Geometry {
+    fn of(config: VtdConfig) -> Self {
+        let (cap, ecap) = config.capabilities();
+        Geometry {
+            sagaw: ((cap >> 8) & 0x1f) as u8,
+            large_pages: ((cap >> 34) & 0xf) as u8,
+            width: config.address_width,
+            scalable: ecap & (1 << 43) != 0,
+        }
+    }
+}
+
+/// Most translation faults that can be pending injection for one requester ID.
+pub const MAX_INJECTED_FAULTS: u32 = 65535;
 
 /// One remapping unit.
 pub struct RemappingUnit {
@@ -95,6 +145,11 @@ pub struct RemappingUnit {
     endpoints: Vec<(FunctionBinding, Arc<dyn DeviceEndpoint>)>,
     pending_device_tlb: Vec<Completion>,
     counters: UnitCounters,
+    caches: TranslationCaches,
+    /// CAP.SAGAW, CAP.SLLPS, the address width and ECAP.SMTS (fixed by the configuration).
+    geometry: Geometry,
+    /// Translation faults to inject: requester ID and how many of its next translations fail.
+    injected: Vec<(RequesterId, u32)>,
 }
 
 impl std::fmt::Debug for RemappingUnit {
@@ -133,6 +188,9 @@ impl RemappingUnit {
             endpoints: Vec::new(),
             pending_device_tlb: Vec::new(),
             counters: UnitCounters::default(),
+            caches: TranslationCaches::new(),
+            geometry: Geometry::of(config),
+            injected: Vec::new(),
         }
     }
 
@@ -143,7 +201,150 @@ impl RemappingUnit {
 
     /// What the unit has done so far.
     pub fn counters(&self) -> UnitCounters {
-        self.counters
+        let CacheCounters {
+            iotlb_hits,
+            iotlb_misses,
+            context_hits,
+            context_misses,
+            pasid_hits,
+            pasid_misses,
+        } = self.caches.counters();
+        UnitCounters {
+            iotlb_hits,
+            iotlb_misses,
+            context_cache_hits: context_hits,
+            context_cache_misses: context_misses,
+            pasid_cache_hits: pasid_hits,
+            pasid_cache_misses: pasid_misses,
+            ..self.counters
+        }
+    }
+
+    /// How many entries the IOTLB, context cache and PASID cache hold.
+    pub fn cache_occupancy(&self) -> CacheOccupancy {
+        self.caches.occupancy()
+    }
+
+    /// Makes the next `count` translations requested by `requester_id` (while translation is
+    /// enabled) fail as a not-present leaf would: a primary fault record with the source ID,
+    /// PASID and address (reason 0x05/0x06 — write/read of a not-present second-stage page —
+    /// for a legacy-mode root table; 0x71, first-stage entry not present, in scalable mode),
+    /// the fault event, and [`DmaError::TranslationFault`] to the device. Adds to what is
+    /// already pending for the requester, up to [`MAX_INJECTED_FAULTS`]; returns the number
+    /// now pending.
+    pub fn inject_faults(&mut self, requester_id: RequesterId, count: u32) -> u32 {
+        if let Some((_, pending)) = self.injected.iter_mut().find(|(r, _)| *r == requester_id) {
+            *pending = pending.saturating_add(count).min(MAX_INJECTED_FAULTS);
+            *pending
+        } else if count > 0 {
+            let pending = count.min(MAX_INJECTED_FAULTS);
+            // At most one slot per requester ID: bounded by 65536.
+            self.injected.push((requester_id, pending));
+            pending
+        } else {
+            0
+        }
+    }
+
+    /// The devices the guest gave a present context entry (VT-d 9.1–9.6), in requester-ID
+    /// order, read from the root and context tables in guest memory with the checked table
+    /// readers (buses with no present root entry are skipped; garbage reads as errors, never a
+    /// panic); at most `limit` of them, and whether there were more.
+    pub fn device_contexts(&self, limit: usize) -> (Vec<DeviceContext>, bool) {
+        let mut found = Vec::new();
+        let rtaddr = self.regs.root_table();
+        if self.regs.gsts() & super::registers::global::SRTP == 0 {
+            return (found, false);
+        }
+        let root = rtaddr & !0xfff;
+        let scalable = (rtaddr >> 10) & 3 == 1;
+        let Geometry { sagaw, width, .. } = self.geometry;
+        let memory = self.memory.memory();
+        for bus in 0..=255u16 {
+            let Ok(entry) = super::tables::read_entry::<super::tables::RootEntry, _>(
+                &*memory,
+                root,
+                u64::from(bus) * 16,
+                0,
+            ) else {
+                break; // the root table ends outside guest memory
+            };
+            let present = if scalable {
+                entry.lo & 1 != 0 || entry.hi & 1 != 0
+            } else {
+                entry.present()
+            };
+            if !present {
+                continue;
+            }
+            for devfn in 0..=255u16 {
+                let sid = (bus << 8) | devfn;
+                let context = if scalable {
+                    self.scalable_device_context(&memory, root, sid)
+                } else {
+                    legacy_device_context(&memory, root, sid, sagaw, width)
+                };
+                if let Some(context) = context {
+                    if found.len() == limit {
+                        return (found, true);
+                    }
+                    found.push(context);
+                }
+            }
+        }
+        (found, false)
+    }
+
+    fn scalable_device_context(
+        &self,
+        memory: &GuestMemoryMmap,
+        root: u64,
+        sid: u16,
+    ) -> Option<DeviceContext> {
+        use super::scalable::reason;
+        let Geometry { sagaw, width, .. } = self.geometry;
+        let mut out = DeviceContext::new(RequesterId(sid));
+        let context = match super::scalable::lookup_context(memory, root, sid, width) {
+            Ok(context) => context,
+            Err(reason::ROOT_NOT_PRESENT | reason::CONTEXT_NOT_PRESENT) => return None,
+            Err(fault) => return Some(out.failed(fault)),
+        };
+        out.pasid_enabled = Some(context.pasid_enabled());
+        out.device_tlb = context.device_tlb_enabled();
+        let rid_pasid = context.rid_pasid();
+        out.rid_pasid = Some(rid_pasid);
+        let entry =
+            match super::scalable::lookup_pasid_in_context(memory, &context, rid_pasid, width) {
+                Ok(entry) => entry,
+                Err(fault) => return Some(out.failed(fault)),
+            };
+        out.domain = Some((entry.qw[1] & 0xffff) as u16);
+        let pgtt = (entry.qw[0] >> 6) & 7;
+        out.translation = match pgtt {
+            1 => "first-stage",
+            2 => "second-stage",
+            3 => "nested",
+            4 => "pass-through",
+            _ => "reserved",
+        };
+        out.address_width = match pgtt {
+            1 => Some(48), // FLPM 0: 4-level paging
+            2 | 3 => match (entry.qw[0] >> 2) & 7 {
+                1 => Some(39),
+                2 => Some(48),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Err(fault) = entry.decode(sagaw, width) {
+            return Some(out.failed(fault));
+        }
+        Some(out)
+    }
+
+    /// Translation faults still to inject, by requester ID.
+    pub fn pending_injected_faults(&self) -> Vec<(RequesterId, u32)> {
+        self.injected.clone()
     }
 
     /// Registers the way back to a function with an ATC or page requests.
@@ -168,12 +369,14 @@ impl RemappingUnit {
                 RegisterAction::SendInvalidationEvent => self.send_invalidation_event(),
                 RegisterAction::SetRootTable(rtaddr) => {
                     log::debug!("vt-d: root table {rtaddr:#x}");
+                    self.caches.flush_all();
                 }
                 RegisterAction::Translation(on) => {
                     log::info!(
                         "vt-d: DMA remapping {}",
                         if on { "enabled" } else { "disabled" }
                     );
+                    self.caches.flush_all();
                 }
                 RegisterAction::QueuedInvalidation(on) => {
                     log::debug!(
@@ -181,9 +384,23 @@ impl RemappingUnit {
                         if on { "on" } else { "off" }
                     );
                 }
-                RegisterAction::QueueTail(_)
-                | RegisterAction::InvalidateContextCache { .. }
-                | RegisterAction::InvalidateIotlb { .. } => {} // nothing cached
+                RegisterAction::InvalidateContextCache {
+                    granularity,
+                    domain,
+                    source,
+                    function_mask,
+                } => self
+                    .caches
+                    .invalidate_context(granularity, domain, source, function_mask),
+                RegisterAction::InvalidateIotlb {
+                    granularity,
+                    domain,
+                    address,
+                    address_mask,
+                } => self
+                    .caches
+                    .invalidate_iotlb(granularity, domain, address, address_mask),
+                RegisterAction::QueueTail(_) => {}
             }
         }
         // A tail write, or software clearing IQE after a bad descriptor: go on from the head.
@@ -191,8 +408,9 @@ impl RemappingUnit {
     }
 
     /// Translates one DMA request (VT-d chapter 3): pass-through while translation is off;
-    /// otherwise the walk for the root table's mode. A fault is recorded (fault event MSI if
-    /// unmasked) and returned as [`DmaError::TranslationFault`].
+    /// otherwise the caches (VT-d chapter 6) and, on a miss, the walk for the root table's
+    /// mode. A fault is recorded (fault event MSI if unmasked) and returned as
+    /// [`DmaError::TranslationFault`].
     pub fn translate(&mut self, request: &DmaRequest) -> Result<Translation, DmaError> {
         if !self.regs.translation_enabled() {
             return Ok(Translation {
@@ -202,19 +420,19 @@ impl RemappingUnit {
             });
         }
         self.counters.translations += 1;
-        let config = self.regs.config();
-        let (cap, ecap) = config.capabilities();
-        let sagaw = ((cap >> 8) & 0x1f) as u8;
-        let large_pages = ((cap >> 34) & 0xf) as u8;
-        let width = config.address_width;
-        let rtaddr = self.regs.root_table();
-        let root = rtaddr & !0xfff;
-        let scalable = (rtaddr >> 10) & 3 == 1;
-        let walk = WalkRequest {
-            address: request.address,
-            write: request.access == DmaAccess::Write,
-        };
-        let memory = self.memory.memory();
+        let write = request.access == DmaAccess::Write;
+        let scalable = (self.regs.root_table() >> 10) & 3 == 1;
+        if !self.injected.is_empty() && self.take_injected(request.requester_id) {
+            self.counters.injected_faults += 1;
+            let reason = if scalable {
+                super::scalable::reason::FIRST_STAGE_NOT_PRESENT
+            } else if write {
+                super::tables::reason::NO_WRITE
+            } else {
+                super::tables::reason::NO_READ
+            };
+            return Err(self.fault(request, reason));
+        }
         let result = if request.address_type != AddressType::Untranslated {
             // No device TLB in this unit (ECAP.DT clear): ATS requests are blocked.
             Err(if scalable {
@@ -223,47 +441,12 @@ impl RemappingUnit {
                 super::tables::reason::BLOCKED
             })
         } else if scalable {
-            if ecap & (1 << 43) == 0 {
-                Err(super::scalable::reason::ROOT_TABLE_ADDRESS)
-            } else {
-                let sreq = ScalableRequest {
-                    walk,
-                    pasid: request.pasid.map(Pasid::value),
-                    privileged: request.privileged,
-                    execute: false,
-                };
-                super::scalable::translate(
-                    &*memory,
-                    root,
-                    request.requester_id.0,
-                    &sreq,
-                    sagaw,
-                    width,
-                    large_pages,
-                )
-            }
+            self.translate_scalable(request)
         } else if request.pasid.is_some() {
             Err(0x31) // SM: TTM 0 for a request with PASID
         } else {
-            super::tables::lookup_context(&*memory, root, request.requester_id.0, width)
-                .and_then(|entry| entry.decode(sagaw, width))
-                .and_then(|context| match context.translation_type {
-                    TranslationType::PassThrough => Ok(super::tables::Leaf {
-                        page: request.address & !0xfff,
-                        page_size: 4096,
-                        read: true,
-                        write: true,
-                    }),
-                    _ => super::tables::second_stage_walk(
-                        &*memory,
-                        &context,
-                        walk,
-                        width,
-                        large_pages,
-                    ),
-                })
+            self.translate_legacy(request)
         };
-        drop(memory);
         match result {
             Ok(leaf) => {
                 let offset = request.address & (leaf.page_size - 1);
@@ -277,28 +460,237 @@ impl RemappingUnit {
                     )
                 })
             }
-            Err(reason) => {
-                self.counters.faults += 1;
-                let signal = self.regs.record_fault(FaultRecord {
-                    source_id: request.requester_id.0,
-                    pasid: request.pasid.map(Pasid::value),
-                    address: request.address,
-                    reason,
-                    write: walk.write,
-                    execute: false,
-                    privileged: request.privileged,
-                });
-                if signal {
-                    self.send_fault_event();
-                }
-                Err(DmaError::TranslationFault {
-                    requester_id: request.requester_id,
-                    iova: request.address,
-                    access: request.access,
-                    reason: format!("VT-d fault reason {reason:#04x}"),
-                })
-            }
+            Err(reason) => Err(self.fault(request, reason)),
         }
+    }
+
+    /// Consumes one pending injected fault of `requester_id`, if any.
+    fn take_injected(&mut self, requester_id: RequesterId) -> bool {
+        let Some(index) = self.injected.iter().position(|(r, _)| *r == requester_id) else {
+            return false;
+        };
+        let pending = &mut self.injected[index].1;
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.injected.swap_remove(index);
+        }
+        true
+    }
+
+    /// Records a primary fault for `request` (fault event if unmasked) and returns the error
+    /// the device sees.
+    fn fault(&mut self, request: &DmaRequest, reason: u8) -> DmaError {
+        self.counters.faults += 1;
+        let signal = self.regs.record_fault(FaultRecord {
+            source_id: request.requester_id.0,
+            pasid: request.pasid.map(Pasid::value),
+            address: request.address,
+            reason,
+            write: request.access == DmaAccess::Write,
+            execute: false,
+            privileged: request.privileged,
+        });
+        if signal {
+            self.send_fault_event();
+        }
+        DmaError::TranslationFault {
+            requester_id: request.requester_id,
+            iova: request.address,
+            access: request.access,
+            reason: format!("VT-d fault reason {reason:#04x}"),
+        }
+    }
+
+    /// Legacy mode: context cache, IOTLB (tagged with the context's domain), then the
+    /// second-stage walk.
+    fn translate_legacy(&mut self, request: &DmaRequest) -> Result<Leaf, u8> {
+        let write = request.access == DmaAccess::Write;
+        let Geometry {
+            sagaw,
+            large_pages,
+            width,
+            ..
+        } = self.geometry;
+        let sid = request.requester_id.0;
+        if let Some(hit) = self.caches.front(sid, NO_PASID, request.address, |e| {
+            e.grants(write, false, false)
+        }) {
+            return Ok(hit.leaf(false));
+        }
+        let context = match self.caches.context(sid) {
+            Some(CachedContext::Legacy(context)) => context,
+            _ => {
+                let root = self.regs.root_table() & !0xfff;
+                let context =
+                    super::tables::lookup_context(&*self.memory.memory(), root, sid, width)
+                        .and_then(|entry| entry.decode(sagaw, width))?;
+                self.caches
+                    .insert_context(sid, CachedContext::Legacy(context));
+                context
+            }
+        };
+        if context.translation_type == TranslationType::PassThrough {
+            return Ok(identity(request.address));
+        }
+        if let Some(hit) = self
+            .caches
+            .iotlb(context.domain, NO_PASID, request.address, |e| {
+                e.grants(write, false, false)
+            })
+        {
+            self.caches.fill_front(sid, NO_PASID, request.address, hit);
+            return Ok(hit.leaf(false));
+        }
+        let walk = WalkRequest {
+            address: request.address,
+            write,
+        };
+        let leaf = super::tables::second_stage_walk(
+            &*self.memory.memory(),
+            &context,
+            walk,
+            width,
+            large_pages,
+        )?;
+        let entry = IotlbEntry {
+            page: leaf.page,
+            page_size: leaf.page_size,
+            read: leaf.read,
+            write: leaf.write,
+            first_stage: None,
+        };
+        self.caches
+            .insert_iotlb(context.domain, NO_PASID, request.address, entry);
+        self.caches
+            .fill_front(sid, NO_PASID, request.address, entry);
+        Ok(leaf)
+    }
+
+    /// Scalable mode: context cache, PASID cache, IOTLB (tagged with the PASID entry's domain
+    /// and the PASID — RID_PASID for requests without one), then the first- or second-stage
+    /// walk.
+    fn translate_scalable(&mut self, request: &DmaRequest) -> Result<Leaf, u8> {
+        use super::scalable::reason;
+        let Geometry {
+            sagaw,
+            large_pages,
+            width,
+            scalable,
+        } = self.geometry;
+        if !scalable {
+            return Err(reason::ROOT_TABLE_ADDRESS);
+        }
+        let write = request.access == DmaAccess::Write;
+        let sid = request.requester_id.0;
+        let tag = request.pasid.map_or(NO_PASID, Pasid::value);
+        let privileged = request.privileged;
+        if let Some(hit) = self.caches.front(sid, tag, request.address, |e| {
+            e.grants(write, privileged, false)
+        }) {
+            return Ok(hit.leaf(privileged));
+        }
+        let context = match self.caches.context(sid) {
+            Some(CachedContext::Scalable(context)) => context,
+            _ => {
+                let root = self.regs.root_table() & !0xfff;
+                let context =
+                    super::scalable::lookup_context(&*self.memory.memory(), root, sid, width)?;
+                self.caches
+                    .insert_context(sid, CachedContext::Scalable(context));
+                context
+            }
+        };
+        let pasid = context.pasid_for(request.pasid.map(Pasid::value))?;
+        let cached = match self.caches.pasid(sid, pasid) {
+            Some(cached) => cached,
+            None => {
+                let entry = super::scalable::lookup_pasid_in_context(
+                    &*self.memory.memory(),
+                    &context,
+                    pasid,
+                    width,
+                )?;
+                let cached = CachedPasid {
+                    translation: entry.decode(sagaw, width)?,
+                    domain: (entry.qw[1] & 0xffff) as u16,
+                };
+                self.caches.insert_pasid(sid, pasid, cached);
+                cached
+            }
+        };
+        let sreq = ScalableRequest {
+            walk: WalkRequest {
+                address: request.address,
+                write,
+            },
+            pasid: request.pasid.map(Pasid::value),
+            privileged: request.privileged,
+            execute: false,
+        };
+        if cached.translation == PasidTranslation::PassThrough {
+            return Ok(identity(request.address));
+        }
+        if let Some(hit) = self
+            .caches
+            .iotlb(cached.domain, pasid, request.address, |e| {
+                e.grants(write, sreq.privileged, sreq.execute)
+            })
+        {
+            self.caches.fill_front(sid, tag, request.address, hit);
+            return Ok(hit.leaf(privileged));
+        }
+        let memory = self.memory.memory();
+        let (leaf, first_stage) = match cached.translation {
+            PasidTranslation::FirstStage {
+                root,
+                supervisor,
+                write_protect,
+            } => {
+                let detail = super::scalable::first_stage_walk_detailed(
+                    &*memory,
+                    root,
+                    &sreq,
+                    supervisor,
+                    write_protect,
+                    width,
+                )?;
+                (
+                    detail.leaf,
+                    Some(FirstStageRights {
+                        writable: detail.writable,
+                        user: detail.user,
+                        executable: detail.executable,
+                        dirty: detail.dirty,
+                        supervisor,
+                        write_protect,
+                    }),
+                )
+            }
+            PasidTranslation::SecondStage(context) => {
+                let leaf = super::tables::second_stage_walk(
+                    &*memory,
+                    &context,
+                    sreq.walk,
+                    width,
+                    large_pages,
+                )
+                .map_err(super::scalable::second_stage_reason)?;
+                (leaf, None)
+            }
+            PasidTranslation::PassThrough => return Ok(identity(request.address)),
+        };
+        drop(memory);
+        let entry = IotlbEntry {
+            page: leaf.page,
+            page_size: leaf.page_size,
+            read: leaf.read,
+            write: leaf.write,
+            first_stage,
+        };
+        self.caches
+            .insert_iotlb(cached.domain, pasid, request.address, entry);
+        self.caches.fill_front(sid, tag, request.address, entry);
+        Ok(leaf)
     }
 
     fn deliver(&mut self, (address, upper, data): (u32, u32, u32)) {
@@ -388,6 +780,7 @@ impl RemappingUnit {
                 if reserved_upper {
                     return Err(queue_error::DESCRIPTOR);
                 }
+                self.invalidate_caches(desc);
             }
             descriptor::DEVICE_TLB | descriptor::PASID_DEVICE_TLB => {
                 if reserved_upper {
@@ -400,6 +793,41 @@ impl RemappingUnit {
         }
         self.counters.descriptors[usize::from(kind)] += 1;
         Ok(())
+    }
+
+    /// A context-cache (type 1), IOTLB (2), PASID-based IOTLB (6) or PASID-cache (7)
+    /// invalidation (VT-d 6.5.2.1–6.5.2.4): granularity in 5:4 and DID in 31:16 of qw0 for all;
+    /// type 1 SID 47:32 and FM 49:48; types 6 and 7 PASID 51:32; types 2 and 6 qw1 address
+    /// 63:12, IH 6, AM 5:0.
+    fn invalidate_caches(&mut self, desc: &Descriptor) {
+        let qw0 = desc.qw[0];
+        let granularity = ((qw0 >> 4) & 3) as u8;
+        let domain = (qw0 >> 16) as u16;
+        let pasid = ((qw0 >> 32) & 0xf_ffff) as u32;
+        let address = desc.qw[1] & !0xfff;
+        let address_mask = (desc.qw[1] & 0x3f) as u8;
+        match desc.kind() {
+            descriptor::CONTEXT_CACHE => self.caches.invalidate_context(
+                granularity,
+                domain,
+                (qw0 >> 32) as u16,
+                ((qw0 >> 48) & 3) as u8,
+            ),
+            descriptor::IOTLB => {
+                self.caches
+                    .invalidate_iotlb(granularity, domain, address, address_mask);
+            }
+            descriptor::PASID_IOTLB => self.caches.invalidate_pasid_iotlb(
+                granularity,
+                domain,
+                pasid,
+                address,
+                address_mask,
+            ),
+            _ => self
+                .caches
+                .invalidate_pasid_cache(granularity, domain, pasid),
+        }
     }
 
     /// A device-TLB invalidation (type 3: SID 47:32, address 63:12 with S at bit 0 of qw1) or
@@ -469,6 +897,92 @@ impl RemappingUnit {
             self.send_invalidation_event();
         }
         Ok(())
+    }
+}
+
+/// What `iommu-state` shows of one device's context (VT-d 9.3 legacy, 9.4 + 9.6 scalable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceContext {
+    /// The device.
+    pub requester_id: RequesterId,
+    /// Domain ID (legacy: the context entry's; scalable: the RID_PASID PASID entry's).
+    pub domain: Option<u16>,
+    /// Legacy: "multi-level", "dev-tlb", "pass-through" (TT); scalable: the RID_PASID entry's
+    /// PGTT, "first-stage", "second-stage", "nested", "pass-through"; "reserved" otherwise.
+    pub translation: &'static str,
+    /// Input address width of the tables, when they have one (39 or 48).
+    pub address_width: Option<u8>,
+    /// Scalable mode: PASID Enable.
+    pub pasid_enabled: Option<bool>,
+    /// Scalable mode: RID_PASID.
+    pub rid_pasid: Option<u32>,
+    /// Scalable mode: Device-TLB Enable (legacy: TT dev-tlb).
+    pub device_tlb: bool,
+    /// The fault a request from the device would see, for a present but bad entry.
+    pub fault_reason: Option<u8>,
+}
+
+impl DeviceContext {
+    fn new(requester_id: RequesterId) -> Self {
+        DeviceContext {
+            requester_id,
+            domain: None,
+            translation: "reserved",
+            address_width: None,
+            pasid_enabled: None,
+            rid_pasid: None,
+            device_tlb: false,
+            fault_reason: None,
+        }
+    }
+
+    fn failed(mut self, reason: u8) -> Self {
+        self.fault_reason = Some(reason);
+        self
+    }
+}
+
+/// The legacy-mode context of `sid`, if present.
+fn legacy_device_context(
+    memory: &GuestMemoryMmap,
+    root: u64,
+    sid: u16,
+    sagaw: u8,
+    width: u8,
+) -> Option<DeviceContext> {
+    use super::tables::reason;
+    let mut out = DeviceContext::new(RequesterId(sid));
+    let entry = match super::tables::lookup_context(memory, root, sid, width) {
+        Ok(entry) => entry,
+        Err(reason::ROOT_NOT_PRESENT | reason::CONTEXT_NOT_PRESENT) => return None,
+        Err(fault) => return Some(out.failed(fault)),
+    };
+    out.domain = Some(((entry.hi >> 8) & 0xffff) as u16);
+    out.translation = match (entry.lo >> 2) & 3 {
+        0 => "multi-level",
+        1 => "dev-tlb",
+        2 => "pass-through",
+        _ => "reserved",
+    };
+    out.device_tlb = (entry.lo >> 2) & 3 == 1;
+    out.address_width = match entry.hi & 7 {
+        1 => Some(39),
+        2 => Some(48),
+        _ => None,
+    };
+    if let Err(fault) = entry.decode(sagaw, width) {
+        return Some(out.failed(fault));
+    }
+    Some(out)
+}
+
+/// The pass-through translation of `address`: its own 4 KiB page, read/write.
+fn identity(address: u64) -> Leaf {
+    Leaf {
+        page: address & !0xfff,
+        page_size: 4096,
+        read: true,
+        write: true,
     }
 }
 
@@ -851,6 +1365,473 @@ mod tests {
                 })
                 .is_err()
             );
+        }
+    }
+
+    // ---- Caching (VT-d chapter 6) ----
+
+    fn request(rid: RequesterId, pasid: Option<u32>, address: u64, write: bool) -> DmaRequest {
+        DmaRequest {
+            requester_id: rid,
+            pasid: pasid.and_then(Pasid::new),
+            privileged: false,
+            address,
+            len: 8,
+            access: if write {
+                DmaAccess::Write
+            } else {
+                DmaAccess::Read
+            },
+            address_type: AddressType::Untranslated,
+        }
+    }
+
+    fn gpa(u: &mut RemappingUnit, rid: RequesterId, pasid: Option<u32>, iova: u64) -> u64 {
+        u.translate(&request(rid, pasid, iova, false))
+            .map(|t| t.gpa)
+            .unwrap_or(u64::MAX)
+    }
+
+    fn set(mem: &GuestMemoryAtomic<GuestMemoryMmap>, gpa: u64, v: u64) {
+        mem.memory().write_obj(v, GuestAddress(gpa)).unwrap();
+    }
+
+    fn get(mem: &GuestMemoryAtomic<GuestMemoryMmap>, gpa: u64) -> u64 {
+        mem.memory().read_obj(GuestAddress(gpa)).unwrap()
+    }
+
+    /// Puts `descs` at the queue's head and moves the tail past them.
+    fn submit(u: &mut RemappingUnit, mem: &GuestMemoryAtomic<GuestMemoryMmap>, descs: &[[u64; 4]]) {
+        let head = u.registers().queue().3;
+        for (i, d) in descs.iter().enumerate() {
+            put(mem, head + i as u64, *d);
+        }
+        w64(u, offset::IQT, (head + descs.len() as u64) << 5);
+        assert_eq!(u.counters().queue_errors, 0);
+    }
+
+    /// Legacy tables: 00:02.0 (DID 1) and 00:02.1 (DID 2) share 4-level second-stage tables
+    /// mapping IOVA 0x5000..0x8000 to GPA 0x30_5000.. (pages 5, 6, 7 → 0x30_0000 + i×0x1000).
+    fn legacy() -> (RemappingUnit, GuestMemoryAtomic<GuestMemoryMmap>) {
+        let (mut u, mem) = unit(Arc::new(RecordingMsiSink::new()));
+        let (root, ctx, l4, l3, l2, l1) = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000);
+        set(&mem, root, ctx | 1);
+        for (devfn, did) in [(0x10u64, 1u64), (0x11, 2)] {
+            set(&mem, ctx + devfn * 16, l4 | 1);
+            set(&mem, ctx + devfn * 16 + 8, 2 | (did << 8));
+        }
+        set(&mem, l4, l3 | 3);
+        set(&mem, l3, l2 | 3);
+        set(&mem, l2, l1 | 3);
+        for page in 5..8u64 {
+            set(&mem, l1 + page * 8, (0x30_0000 + (page << 12)) | 3);
+        }
+        w64(&mut u, offset::RTADDR, root);
+        w32(&mut u, offset::GCMD, global::SRTP);
+        enable_queue(&mut u);
+        w32(&mut u, offset::GCMD, global::QIE | global::TE);
+        (u, mem)
+    }
+
+    const DEV_A: RequesterId = RequesterId::new(0, 2, 0);
+    const DEV_B: RequesterId = RequesterId::new(0, 2, 1);
+    const L1: u64 = 0x6000;
+
+    /// IOTLB descriptor (type 2): granularity, DID, address | AM.
+    fn iotlb_desc(g: u64, did: u64, qw1: u64) -> [u64; 4] {
+        [2 | (g << 4) | (did << 16), qw1, 0, 0]
+    }
+
+    #[test]
+    fn the_iotlb_serves_stale_entries_until_a_page_selective_invalidation_covers_them() {
+        let (mut u, mem) = legacy();
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x5010), 0x30_5010);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x7010), 0x30_7010);
+        // The guest remaps page 5 without invalidating: the cached translation stays.
+        set(&mem, L1 + 5 * 8, 0x31_0000 | 3);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x5010), 0x30_5010, "cached");
+        let c = u.counters();
+        assert_eq!((c.iotlb_hits, c.iotlb_misses), (1, 2));
+        // The hit came from the IOTLB's front: no context-cache lookup.
+        assert_eq!((c.context_cache_hits, c.context_cache_misses), (1, 1));
+        // Another domain, and a page-selective invalidation of another page: still stale.
+        submit(
+            &mut u,
+            &mem,
+            &[iotlb_desc(2, 2, 0), iotlb_desc(3, 1, 0x9000)],
+        );
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x5010), 0x30_5010);
+        // PSI at 0x4000 with AM = 2 (0x4000..0x8000) drops pages 5 and 7.
+        set(&mem, L1 + 7 * 8, 0x32_0000 | 3);
+        submit(&mut u, &mem, &[iotlb_desc(3, 1, 0x4000 | 2 | (1 << 6))]);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x5010), 0x31_0010);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x7010), 0x32_0010);
+    }
+
+    #[test]
+    fn domain_selective_and_global_iotlb_invalidations_drop_only_their_domain() {
+        let (mut u, mem) = legacy();
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x6000), 0x30_6000);
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x6000), 0x30_6000);
+        set(&mem, L1 + 6 * 8, 0x31_0000 | 3);
+        submit(&mut u, &mem, &[iotlb_desc(2, 1, 0)]);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x6000), 0x31_0000, "DID 1 dropped");
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x6000), 0x30_6000, "DID 2 kept");
+        submit(&mut u, &mem, &[iotlb_desc(1, 0, 0)]);
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x6000), 0x31_0000, "global");
+    }
+
+    #[test]
+    fn not_present_entries_and_faults_are_never_cached() {
+        let (mut u, mem) = legacy();
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x9000), u64::MAX, "not present");
+        set(&mem, L1 + 9 * 8, 0x33_0000 | 3);
+        assert_eq!(
+            gpa(&mut u, DEV_A, None, 0x9000),
+            0x33_0000,
+            "no invalidation needed"
+        );
+        // A context that is not present yet (00:03.0): present later without invalidation.
+        let dev_c = RequesterId::new(0, 3, 0);
+        assert_eq!(gpa(&mut u, dev_c, None, 0x5000), u64::MAX);
+        set(&mem, 0x2000 + 0x18 * 16, 0x3000 | 1);
+        set(&mem, 0x2000 + 0x18 * 16 + 8, 2 | (3 << 8));
+        assert_eq!(gpa(&mut u, dev_c, None, 0x5000), 0x30_5000);
+        // A write to a read-only cached page walks again and faults; made writable, it works.
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x8000), u64::MAX);
+        set(&mem, L1 + 8 * 8, 0x34_0000 | 1);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x8000), 0x34_0000);
+        assert!(u.translate(&request(DEV_A, None, 0x8000, true)).is_err());
+        set(&mem, L1 + 8 * 8, 0x34_0000 | 3);
+        assert!(u.translate(&request(DEV_A, None, 0x8000, true)).is_ok());
+    }
+
+    /// Context-cache descriptor (type 1): granularity, DID, SID, FM.
+    fn context_desc(g: u64, did: u64, sid: u16, fm: u64) -> [u64; 4] {
+        [
+            1 | (g << 4) | (did << 16) | (u64::from(sid) << 32) | (fm << 48),
+            0,
+            0,
+            0,
+        ]
+    }
+
+    #[test]
+    fn device_selective_context_invalidation_drops_only_the_devices_it_names() {
+        let (mut u, mem) = legacy();
+        gpa(&mut u, DEV_A, None, 0x5000);
+        gpa(&mut u, DEV_B, None, 0x5000);
+        // Both functions become pass-through (TT = 2) without invalidation: cached contexts.
+        for devfn in [0x10u64, 0x11] {
+            set(&mem, 0x2000 + devfn * 16, 0x3000 | 1 | (2 << 2));
+        }
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x20_0000), u64::MAX);
+        // Device-selective for 00:02.1 only.
+        submit(&mut u, &mem, &[context_desc(3, 0, DEV_B.0, 0)]);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x20_0000), u64::MAX, "02.0 kept");
+        assert_eq!(
+            gpa(&mut u, DEV_B, None, 0x20_0000),
+            0x20_0000,
+            "02.1 dropped"
+        );
+        // SID 00:02.4 with FM = 3 (bits 2:0 masked) covers 00:02.0.
+        submit(
+            &mut u,
+            &mem,
+            &[context_desc(3, 0, RequesterId::new(0, 2, 4).0, 3)],
+        );
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x20_0000), 0x20_0000);
+    }
+
+    #[test]
+    fn domain_selective_context_invalidation_and_the_registers_flush_too() {
+        let (mut u, mem) = legacy();
+        gpa(&mut u, DEV_A, None, 0x5000);
+        gpa(&mut u, DEV_B, None, 0x5000);
+        for devfn in [0x10u64, 0x11] {
+            set(&mem, 0x2000 + devfn * 16, 0x3000 | 1 | (2 << 2));
+        }
+        submit(&mut u, &mem, &[context_desc(2, 2, 0, 0)]);
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x20_0000), u64::MAX, "DID 1 kept");
+        assert_eq!(
+            gpa(&mut u, DEV_B, None, 0x20_0000),
+            0x20_0000,
+            "DID 2 dropped"
+        );
+        // Register-based context invalidation (CCMD, global).
+        use super::super::registers::ccmd;
+        w64(&mut u, offset::CCMD, ccmd::ICC | (1 << ccmd::CIRG_SHIFT));
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x20_0000), 0x20_0000);
+        // Register-based IOTLB invalidation (IVT, domain 2) drops cached pages.
+        for devfn in [0x10u64, 0x11] {
+            set(&mem, 0x2000 + devfn * 16, 0x3000 | 1);
+        }
+        w64(&mut u, offset::CCMD, ccmd::ICC | (1 << ccmd::CIRG_SHIFT));
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x5000), 0x30_5000);
+        set(&mem, L1 + 5 * 8, 0x31_0000 | 3);
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x5000), 0x30_5000, "cached");
+        use super::super::registers::{IOTLB_REGISTER_UNITS, iotlb};
+        w64(
+            &mut u,
+            IOTLB_REGISTER_UNITS * 16 + 8,
+            iotlb::IVT | (2 << iotlb::IIRG_SHIFT) | (2 << iotlb::DID_SHIFT),
+        );
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x5000), 0x31_0000);
+        // SRTP and TE toggles flush everything.
+        set(&mem, L1 + 5 * 8, 0x32_0000 | 3);
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x5000), 0x31_0000, "cached");
+        w32(
+            &mut u,
+            offset::GCMD,
+            global::QIE | global::TE | global::SRTP,
+        );
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x5000), 0x32_0000);
+        set(&mem, L1 + 5 * 8, 0x33_0000 | 3);
+        w32(&mut u, offset::GCMD, global::QIE);
+        w32(&mut u, offset::GCMD, global::QIE | global::TE);
+        assert_eq!(gpa(&mut u, DEV_B, None, 0x5000), 0x33_0000);
+        assert_eq!(u.cache_occupancy().context, 1);
+    }
+
+    /// Scalable-mode tables for 00:02.0 (PASIDE, RID_PASID 0): PASID 0 and PASID 5 in DID 1,
+    /// PASID 6 in DID 2, each with first-stage 4-level tables mapping IOVA 0x1234_5000 to
+    /// 0x30_0000 + PASID × 0x1000 (user, writable, clean).
+    const FS_IOVA: u64 = 0x1234_5000;
+    const PTAB: u64 = 0x4000;
+
+    fn fs_leaf(pasid: u64) -> u64 {
+        0x28_0000 + pasid * 0x4000 + 0x3000 + ((FS_IOVA >> 12) & 0x1ff) * 8
+    }
+
+    fn scalable() -> (RemappingUnit, GuestMemoryAtomic<GuestMemoryMmap>) {
+        let (mut u, mem) = unit(Arc::new(RecordingMsiSink::new()));
+        let (root, ctx, dir) = (0x1000, 0x2000, 0x3000);
+        set(&mem, root, ctx | 1);
+        set(&mem, ctx + 0x10 * 32, dir | 1 | (1 << 3));
+        set(&mem, dir, PTAB | 1);
+        for (pasid, did) in [(0u64, 1u64), (5, 1), (6, 2)] {
+            let l4 = 0x28_0000 + pasid * 0x4000;
+            let e = PTAB + pasid * 64;
+            set(&mem, e, 1 | (1 << 6));
+            set(&mem, e + 8, did);
+            set(&mem, e + 16, l4);
+            let f = 7;
+            set(&mem, l4 + ((FS_IOVA >> 39) & 0x1ff) * 8, (l4 + 0x1000) | f);
+            set(
+                &mem,
+                l4 + 0x1000 + ((FS_IOVA >> 30) & 0x1ff) * 8,
+                (l4 + 0x2000) | f,
+            );
+            set(
+                &mem,
+                l4 + 0x2000 + ((FS_IOVA >> 21) & 0x1ff) * 8,
+                (l4 + 0x3000) | f,
+            );
+            set(&mem, fs_leaf(pasid), (0x30_0000 + pasid * 0x1000) | f);
+        }
+        w64(&mut u, offset::RTADDR, root | (1 << 10));
+        w32(&mut u, offset::GCMD, global::SRTP);
+        enable_queue(&mut u);
+        w32(&mut u, offset::GCMD, global::QIE | global::TE);
+        (u, mem)
+    }
+
+    /// PASID-based IOTLB descriptor (type 6).
+    fn piotlb_desc(g: u64, did: u64, pasid: u64, qw1: u64) -> [u64; 4] {
+        [6 | (g << 4) | (did << 16) | (pasid << 32), qw1, 0, 0]
+    }
+
+    /// PASID-cache descriptor (type 7).
+    fn pc_desc(g: u64, did: u64, pasid: u64) -> [u64; 4] {
+        [7 | (g << 4) | (did << 16) | (pasid << 32), 0, 0, 0]
+    }
+
+    #[test]
+    fn pasid_selective_iotlb_invalidation_drops_only_that_pasid() {
+        let (mut u, mem) = scalable();
+        for p in [0u32, 5, 6] {
+            let pasid = (p != 0).then_some(p);
+            assert_eq!(
+                gpa(&mut u, DEV_A, pasid, FS_IOVA),
+                0x30_0000 + u64::from(p) * 0x1000
+            );
+        }
+        for p in [0u64, 5, 6] {
+            set(&mem, fs_leaf(p), (0x38_0000 + p * 0x1000) | 7);
+        }
+        // All-in-PASID for PASID 5 of DID 1: PASID 0 (RID_PASID) and PASID 6 stay stale.
+        submit(&mut u, &mem, &[piotlb_desc(2, 1, 5, 0)]);
+        assert_eq!(gpa(&mut u, DEV_A, Some(5), FS_IOVA), 0x38_5000);
+        assert_eq!(gpa(&mut u, DEV_A, None, FS_IOVA), 0x30_0000);
+        assert_eq!(gpa(&mut u, DEV_A, Some(6), FS_IOVA), 0x30_6000);
+        // Page-selective within PASID 0 (the request without PASID), another page: kept; this
+        // page: dropped.
+        submit(&mut u, &mem, &[piotlb_desc(3, 1, 0, 0x1000_0000)]);
+        assert_eq!(gpa(&mut u, DEV_A, None, FS_IOVA), 0x30_0000);
+        submit(&mut u, &mem, &[piotlb_desc(3, 1, 0, FS_IOVA)]);
+        assert_eq!(gpa(&mut u, DEV_A, None, FS_IOVA), 0x38_0000);
+        assert_eq!(
+            gpa(&mut u, DEV_A, Some(6), FS_IOVA),
+            0x30_6000,
+            "DID 2 kept"
+        );
+        // A domain-selective IOTLB descriptor drops every PASID of its domain.
+        submit(&mut u, &mem, &[iotlb_desc(2, 2, 0)]);
+        assert_eq!(gpa(&mut u, DEV_A, Some(6), FS_IOVA), 0x38_6000);
+    }
+
+    #[test]
+    fn pasid_cache_invalidation_is_pasid_and_domain_selective() {
+        let (mut u, mem) = scalable();
+        gpa(&mut u, DEV_A, Some(5), FS_IOVA);
+        gpa(&mut u, DEV_A, Some(6), FS_IOVA);
+        // PASIDs 5 and 6 become pass-through; flushing the IOTLB alone leaves the PASID cache.
+        for p in [5u64, 6] {
+            set(&mem, PTAB + p * 64, 1 | (4 << 6));
+        }
+        submit(&mut u, &mem, &[iotlb_desc(1, 0, 0)]);
+        assert_eq!(
+            gpa(&mut u, DEV_A, Some(5), FS_IOVA),
+            0x30_5000,
+            "PASID entry cached"
+        );
+        // PASID-selective for (DID 2, PASID 5): the wrong domain, nothing dropped.
+        submit(&mut u, &mem, &[pc_desc(1, 2, 5)]);
+        assert_eq!(gpa(&mut u, DEV_A, Some(5), FS_IOVA), 0x30_5000);
+        submit(&mut u, &mem, &[pc_desc(1, 1, 5)]);
+        assert_eq!(
+            gpa(&mut u, DEV_A, Some(5), FS_IOVA),
+            FS_IOVA,
+            "pass-through now"
+        );
+        assert_eq!(gpa(&mut u, DEV_A, Some(6), FS_IOVA), 0x30_6000);
+        // Domain-selective for DID 2.
+        submit(&mut u, &mem, &[pc_desc(0, 2, 0)]);
+        assert_eq!(gpa(&mut u, DEV_A, Some(6), FS_IOVA), FS_IOVA);
+        let c = u.counters();
+        assert!(
+            c.pasid_cache_hits >= 3 && c.pasid_cache_misses >= 4,
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_through_a_clean_cached_first_stage_entry_sets_dirty() {
+        let (mut u, mem) = scalable();
+        let leaf = fs_leaf(0);
+        assert_eq!(gpa(&mut u, DEV_A, None, FS_IOVA), 0x30_0000);
+        assert_eq!(get(&mem, leaf) & (1 << 6), 0, "clean after a read");
+        assert_ne!(get(&mem, leaf) & (1 << 5), 0, "accessed");
+        let hits = u.counters().iotlb_hits;
+        u.translate(&request(DEV_A, None, FS_IOVA, true)).unwrap();
+        assert_ne!(get(&mem, leaf) & (1 << 6), 0, "dirty after the write");
+        assert_eq!(
+            u.counters().iotlb_hits,
+            hits,
+            "the clean entry walked again"
+        );
+        // Now cached dirty: the next write is a hit.
+        u.translate(&request(DEV_A, None, FS_IOVA, true)).unwrap();
+        assert_eq!(u.counters().iotlb_hits, hits + 1);
+        // A supervisor request (SRE clear) never hits: it walks and faults.
+        let mut privileged = request(DEV_A, None, FS_IOVA, false);
+        privileged.privileged = true;
+        assert!(u.translate(&privileged).is_err());
+    }
+
+    // ---- Fault injection ----
+
+    #[test]
+    fn injected_faults_fail_the_next_translations_of_that_requester_only() {
+        let sink = Arc::new(RecordingMsiSink::new());
+        let (mut u, _mem) = legacy();
+        u.msi = sink.clone();
+        w32(&mut u, offset::FEDATA, 0x33);
+        w32(&mut u, offset::FEADDR, 0xfee0_0000);
+        w32(&mut u, offset::FECTL, 0);
+        assert_eq!(u.inject_faults(DEV_A, 2), 2);
+        assert_eq!(u.inject_faults(DEV_A, 0), 2);
+        assert_eq!(u.pending_injected_faults(), vec![(DEV_A, 2)]);
+        assert_eq!(
+            gpa(&mut u, DEV_B, None, 0x5000),
+            0x30_5000,
+            "another device"
+        );
+        let err = u
+            .translate(&request(DEV_A, None, 0x5008, true))
+            .unwrap_err();
+        assert!(
+            matches!(err, DmaError::TranslationFault { iova: 0x5008, .. }),
+            "{err}"
+        );
+        let fr = super::super::registers::FAULT_RECORD_UNITS * 16;
+        let mut rec = [0u8; 16];
+        u.read(fr, &mut rec[..8]);
+        u.read(fr + 8, &mut rec[8..]);
+        let high = u64::from_le_bytes(rec[8..].try_into().unwrap());
+        assert_eq!(u64::from_le_bytes(rec[..8].try_into().unwrap()), 0x5000);
+        assert_eq!(high & 0xffff, u64::from(DEV_A.0));
+        assert_eq!((high >> 32) & 0xff, 0x05, "write to a not-present page");
+        assert_eq!(sink.take().len(), 1, "fault event");
+        assert_eq!(u.pending_injected_faults(), vec![(DEV_A, 1)]);
+        // Even a cached translation fails while an injection is pending.
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x5000), u64::MAX);
+        assert!(u.pending_injected_faults().is_empty());
+        assert_eq!(gpa(&mut u, DEV_A, None, 0x5000), 0x30_5000);
+        let c = u.counters();
+        assert_eq!((c.injected_faults, c.faults), (2, 2));
+        // Bounded, and reason 0x71 in scalable mode.
+        assert_eq!(u.inject_faults(DEV_A, u32::MAX), MAX_INJECTED_FAULTS);
+        let (mut s, _m) = scalable();
+        s.inject_faults(DEV_A, 1);
+        assert!(
+            s.translate(&request(DEV_A, Some(5), FS_IOVA, false))
+                .is_err()
+        );
+        s.read(fr + 8, &mut rec[8..]);
+        let high = u64::from_le_bytes(rec[8..].try_into().unwrap());
+        assert_eq!((high >> 32) & 0xff, 0x71);
+        assert_eq!(gpa(&mut s, DEV_A, Some(5), FS_IOVA), 0x30_5000);
+    }
+
+    #[test]
+    fn device_contexts_list_present_contexts_in_either_mode() {
+        let (u, mem) = legacy();
+        let (list, more) = u.device_contexts(16);
+        assert!(!more);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].requester_id, DEV_A);
+        assert_eq!(
+            (list[1].domain, list[1].translation, list[1].address_width),
+            (Some(2), "multi-level", Some(48))
+        );
+        assert_eq!(u.device_contexts(1), (vec![list[0].clone()], true));
+        // A garbage context entry (reserved bits) is listed with its fault reason.
+        set(&mem, 0x2000 + 0x20 * 16, 0xff1);
+        let (list, _) = u.device_contexts(16);
+        assert_eq!(list[2].fault_reason, Some(0x0b));
+        let (s, _m) = scalable();
+        let (list, _) = s.device_contexts(16);
+        assert_eq!(list.len(), 1);
+        let d = &list[0];
+        assert_eq!(
+            (d.domain, d.translation, d.pasid_enabled, d.rid_pasid),
+            (Some(1), "first-stage", Some(true), Some(0))
+        );
+        // Root tables of garbage everywhere: bounded, no panic.
+        let (mut g, gm) = unit(Arc::new(RecordingMsiSink::new()));
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for a in (0..0x40_0000u64).step_by(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            set(&gm, a, x & 0x3f_ffff_ffff);
+        }
+        for rt in [0u64, 0x1000 | (1 << 10), 0x3f_f000] {
+            w64(&mut g, offset::RTADDR, rt);
+            w32(&mut g, offset::GCMD, global::SRTP);
+            let (list, _) = g.device_contexts(64);
+            assert!(list.len() <= 64);
         }
     }
 }

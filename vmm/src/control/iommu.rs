@@ -1,33 +1,106 @@
-//! The VT-d command of the control API: `iommu-state` — the unit's mode and enabled features
-//! as the guest programmed them, and what it has done (translations, faults, invalidation
-//! descriptors by type, queue errors, event interrupts).
+//! The VT-d commands of the control API:
+//! - `iommu-state` — the unit's mode and enabled features as the guest programmed them, the
+//!   devices it gave a present context, what the unit has done (translations, faults,
+//!   invalidation descriptors by type, queue errors, event interrupts, IOTLB / context-cache /
+//!   PASID-cache hits and misses) and the fault injections still pending;
+//! - `iommu-inject-fault` — the next `count` translations requested by `device` fail as a
+//!   real translation fault would ([`iommu::vtd::unit::RemappingUnit::inject_faults`]).
 
 use std::sync::PoisonError;
 
+use iommu::RequesterId;
+use iommu::vtd::unit::MAX_INJECTED_FAULTS;
 use serde_json::{Value, json};
 
 use super::ControlTarget;
 
+/// Most devices `iommu-state` lists (the rest is reported as `devices_truncated`).
+const MAX_LISTED_DEVICES: usize = 256;
+
 /// Answers an `iommu-*` request.
 pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, String> {
     let command = request.get("command").and_then(Value::as_str).unwrap_or("");
-    if command != "iommu-state" {
-        return Err(format!(
-            "bad request: unknown command '{command}' (the IOMMU command is iommu-state)"
-        ));
-    }
+    let allowed: &[&str] = match command {
+        "iommu-state" => &["command"],
+        "iommu-inject-fault" => &["command", "device", "count"],
+        _ => {
+            return Err(format!(
+                "bad request: unknown command '{command}' (the IOMMU commands are iommu-state, \
+                 iommu-inject-fault)"
+            ));
+        }
+    };
     if let Some(extra) = request
         .as_object()
-        .and_then(|o| o.keys().find(|k| k.as_str() != "command"))
+        .and_then(|o| o.keys().find(|k| !allowed.contains(&k.as_str())))
     {
         return Err(format!(
-            "bad request: unknown field `{extra}` for iommu-state"
+            "bad request: unknown field `{extra}` for {command}"
         ));
     }
-    let unit = target
+    if command == "iommu-inject-fault" {
+        let (rid, count) = parse_injection(request)?;
+        let unit = iommu_unit(target)?;
+        let mut window = unit.lock().unwrap_or_else(PoisonError::into_inner);
+        let pending = window.0.inject_faults(rid, count);
+        return Ok(json!({"device": rid.to_string(), "pending": pending}));
+    }
+    state(target)
+}
+
+fn iommu_unit(
+    target: &ControlTarget,
+) -> Result<&std::sync::Arc<std::sync::Mutex<crate::vtd::DrhdWindow>>, String> {
+    target
         .iommu
         .as_ref()
-        .ok_or("no IOMMU: this VM runs without --iommu vtd")?;
+        .ok_or_else(|| "no IOMMU: this VM runs without --iommu vtd".to_string())
+}
+
+/// `device` (a PCI address `BB:DD.F`, hex, optionally with a `0000:` segment) and `count`
+/// (1..=65535, default 1) of an `iommu-inject-fault` request.
+fn parse_injection(request: &Value) -> Result<(RequesterId, u32), String> {
+    let device = request
+        .get("device")
+        .ok_or("bad request: iommu-inject-fault needs \"device\" (a PCI address like 00:03.0)")?;
+    let text = device
+        .as_str()
+        .ok_or_else(|| format!("bad device {device}: expected a PCI address like 00:03.0"))?;
+    let rid = parse_bdf(text)
+        .ok_or_else(|| format!("bad device '{text}': expected a PCI address like 00:03.0"))?;
+    let count = match request.get("count") {
+        None => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u64::from(MAX_INJECTED_FAULTS)).contains(&n) => n as u32,
+            _ => {
+                return Err(format!("bad count {v}: expected 1..={MAX_INJECTED_FAULTS}"));
+            }
+        },
+    };
+    Ok((rid, count))
+}
+
+/// `BB:DD.F` in hex (device ≤ 1f, function ≤ 7), optionally `0000:BB:DD.F`.
+pub fn parse_bdf(text: &str) -> Option<RequesterId> {
+    let text = text.strip_prefix("0000:").unwrap_or(text);
+    let (bus, rest) = text.split_once(':')?;
+    let (device, function) = rest.split_once('.')?;
+    let hex = |s: &str, max: u8| {
+        (!s.is_empty() && s.len() <= 2 && s.chars().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u8::from_str_radix(s, 16).ok())
+            .flatten()
+            .filter(|v| *v <= max)
+    };
+    let function = (function.len() == 1).then(|| hex(function, 7)).flatten()?;
+    Some(RequesterId::new(
+        hex(bus, 0xff)?,
+        hex(device, 0x1f)?,
+        function,
+    ))
+}
+
+fn state(target: &ControlTarget) -> Result<Value, String> {
+    let unit = iommu_unit(target)?;
     let window = unit.lock().unwrap_or_else(PoisonError::into_inner);
     let unit = &window.0;
     let regs = unit.registers();
@@ -35,8 +108,35 @@ pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, S
     let (cap, ecap) = config.capabilities();
     let rtaddr = regs.root_table();
     let counters = unit.counters();
+    let occupancy = unit.cache_occupancy();
     let (queue_base, queue_entries, wide, head, tail) = regs.queue();
     let d = &counters.descriptors;
+    let (devices, truncated) = unit.device_contexts(MAX_LISTED_DEVICES);
+    let devices: Vec<Value> = devices
+        .iter()
+        .map(|c| {
+            let mut o = json!({
+                "device": c.requester_id.to_string(),
+                "domain": c.domain,
+                "translation": c.translation,
+                "address_width": c.address_width,
+                "device_tlb": c.device_tlb,
+            });
+            if let Some(paside) = c.pasid_enabled {
+                o["pasid_enabled"] = json!(paside);
+                o["rid_pasid"] = json!(c.rid_pasid);
+            }
+            if let Some(reason) = c.fault_reason {
+                o["fault_reason"] = json!(format!("{reason:#04x}"));
+            }
+            o
+        })
+        .collect();
+    let injections: Vec<Value> = unit
+        .pending_injected_faults()
+        .iter()
+        .map(|(rid, count)| json!({"device": rid.to_string(), "count": count}))
+        .collect();
     Ok(json!({
         "model": "vt-d",
         "scalable_mode_supported": config.scalable,
@@ -59,11 +159,29 @@ pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, S
             "head": head,
             "tail": tail,
         },
+        "devices": devices,
+        "devices_truncated": truncated,
+        "pending_fault_injections": injections,
+        "caches": {
+            "iotlb_entries": occupancy.iotlb,
+            "context_entries": occupancy.context,
+            "pasid_entries": occupancy.pasid,
+        },
         "counters": {
             "translations": counters.translations,
             "faults": counters.faults,
+            "injected_faults": counters.injected_faults,
             "queue_errors": counters.queue_errors,
             "event_interrupts": counters.interrupts,
+            "iotlb": {"hits": counters.iotlb_hits, "misses": counters.iotlb_misses},
+            "context_cache": {
+                "hits": counters.context_cache_hits,
+                "misses": counters.context_cache_misses,
+            },
+            "pasid_cache": {
+                "hits": counters.pasid_cache_hits,
+                "misses": counters.pasid_cache_misses,
+            },
             "invalidations": {
                 "context_cache": d[1],
                 "iotlb": d[2],

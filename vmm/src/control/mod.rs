@@ -16,6 +16,7 @@
 //! | `cxl-inject-dram-event` | as general media, plus `nibble_mask`, `bank_group`, `bank`, `row`, `column` |
 //! | `cxl-inject-memory-module-event` | `device`, optional `log`, `flags`, `type`, `health_status`, `media_status`, `additional_status`, `life_used`, `temperature`, `dirty_shutdown_count`, `corrected_volatile_errors`, `corrected_persistent_errors` |
 //! | `iommu-state` | — (with `--iommu vtd`) |
+//! | `iommu-inject-fault` | `device` (PCI address `BB:DD.F`), optional `count` (1..=65535, default 1) |
 //!
 //! `device` is the `id=` of a `--cxl-type3` device (default `cxl0`, `cxl1`, ...; `memN` also
 //! names the N-th device, as the guest numbers them); `log` is one
@@ -51,6 +52,8 @@ use thiserror::Error;
 mod cxl;
 mod ioat;
 mod iommu;
+
+pub use iommu::parse_bdf;
 
 /// First line the VMM inside the nested host sends on the control port once it serves it.
 pub const READY_LINE: &str = r#"{"event":"ready"}"#;
@@ -99,6 +102,7 @@ const COMMANDS: &[&str] = &[
     "cxl-inject-dram-event",
     "cxl-inject-memory-module-event",
     "iommu-state",
+    "iommu-inject-fault",
     "ioat-state",
 ];
 
@@ -654,6 +658,10 @@ mod tests {
             ),
             (r#"{"command":"iommu-reset"}"#, "iommu-state"),
             (
+                r#"{"command":"iommu-inject-fault","device":"00:03.0"}"#,
+                "no IOMMU",
+            ),
+            (
                 r#"{"command":"cxl-inject-correctable-error","device":"cxl0","type":"mem-data-ecc"}"#,
                 "cxl-inject-correctable-error is not supported by this VMM: RAS/AER",
             ),
@@ -865,6 +873,67 @@ mod tests {
         assert_eq!(s["root_table_mode"], "scalable");
         assert_eq!(s["invalidation_queue"]["descriptor_bits"], 256);
         assert_eq!(s["counters"]["faults"], 0);
+        assert_eq!(s["counters"]["iotlb"]["hits"], 0);
+        assert_eq!(s["devices"], json!([]));
+        // Fault injection: parsed, validated, pending in the state.
+        let r = ask(
+            &t,
+            r#"{"command":"iommu-inject-fault","device":"00:03.0","count":3}"#,
+        );
+        assert_eq!(
+            r["result"],
+            json!({"device": "00:03.0", "pending": 3}),
+            "{r}"
+        );
+        let r = ask(
+            &t,
+            r#"{"command":"iommu-inject-fault","device":"0000:00:03.0"}"#,
+        );
+        assert_eq!(r["result"]["pending"], 4, "{r}");
+        let s = ask(&t, r#"{"command":"iommu-state"}"#);
+        assert_eq!(
+            s["result"]["pending_fault_injections"],
+            json!([{"device": "00:03.0", "count": 4}])
+        );
+        for (req, needle) in [
+            (r#"{"command":"iommu-inject-fault"}"#, "needs \"device\""),
+            (
+                r#"{"command":"iommu-inject-fault","device":"00:20.0"}"#,
+                "bad device '00:20.0'",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":"3.0"}"#,
+                "bad device '3.0'",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":"00:03.8"}"#,
+                "bad device '00:03.8'",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":3}"#,
+                "bad device 3",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":"00:03.0","count":0}"#,
+                "bad count 0",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":"00:03.0","count":65536}"#,
+                "bad count 65536",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":"00:03.0","count":"x"}"#,
+                "bad count \"x\"",
+            ),
+            (
+                r#"{"command":"iommu-inject-fault","device":"00:03.0","rid":1}"#,
+                "unknown field `rid`",
+            ),
+        ] {
+            let r = ask(&t, req);
+            let e = r["error"].as_str().unwrap_or_default();
+            assert!(e.contains(needle) && !e.contains('\n'), "{req}: {r}");
+        }
         let extra = ask(&t, r#"{"command":"iommu-state","verbose":true}"#);
         assert!(
             extra["error"]
