@@ -294,6 +294,9 @@ pub struct RegisterFile {
     iotlb: u64,
     /// Fault recording registers, 128 bits each (low, high qwords).
     fault_records: Vec<(u64, u64)>,
+    /// The record the next fault goes to (the hardware's internal pointer; FSTS.FRI instead
+    /// names the first pending record, VT-d 11.4.9).
+    next_fault_record: usize,
 }
 
 /// A primary fault, as recorded in a fault recording register (VT-d 11.4.14).
@@ -344,6 +347,7 @@ impl RegisterFile {
             iva: 0,
             iotlb: 0,
             fault_records: vec![(0, 0); records],
+            next_fault_record: 0,
         }
     }
 
@@ -441,7 +445,7 @@ impl RegisterFile {
             return false; // overflowed: no more recording until software clears PFO
         }
         let n = self.fault_records.len();
-        let index = ((self.fsts >> fsts::FRI_SHIFT) & 0xff) as usize % n;
+        let index = self.next_fault_record % n;
         if self.fault_records[index].1 & (1 << 63) != 0 {
             return self.raise_fault_status(fsts::PFO);
         }
@@ -463,13 +467,15 @@ impl RegisterFile {
         }
         high |= 1 << 63; // F
         self.fault_records[index] = (low, high);
-        let next = ((index + 1) % n) as u32;
-        self.fsts = (self.fsts & !(0xff << fsts::FRI_SHIFT)) | (next << fsts::FRI_SHIFT);
+        self.next_fault_record = (index + 1) % n;
         let pending = self.fsts & fsts::PPF != 0;
-        self.fsts |= fsts::PPF;
         if pending {
             return false; // the interrupt for the pending fault is already out or pending
         }
+        // FRI: the first pending record, where Linux's dmar_fault() starts reading (it walks
+        // on while records have F set, wrapping).
+        self.fsts = (self.fsts & !(0xff << fsts::FRI_SHIFT)) | ((index as u32) << fsts::FRI_SHIFT);
+        self.fsts |= fsts::PPF;
         self.signal_fault_event()
     }
 
@@ -934,7 +940,11 @@ mod tests {
         assert_eq!(high & (1 << 62), 0, "T = write");
         let status = r32(&r, offset::FSTS);
         assert_ne!(status & fsts::PPF, 0);
-        assert_eq!((status >> fsts::FRI_SHIFT) & 0xff, 1, "next record");
+        assert_eq!(
+            (status >> fsts::FRI_SHIFT) & 0xff,
+            0,
+            "first pending record"
+        );
         // A second fault while one is pending: recorded, no second MSI.
         assert!(!r.record_fault(FaultRecord {
             pasid: Some(0x42),
@@ -953,8 +963,25 @@ mod tests {
         w32(&mut r, fr + 16 + 12, 1 << 31);
         w32(&mut r, offset::FSTS, fsts::PFO);
         assert_eq!(r32(&r, offset::FSTS) & (fsts::PPF | fsts::PFO), 0);
-        // The next fault signals again.
+        // The next fault signals again; it goes to the next record in turn, and FRI names it
+        // (dmar_fault() reads from FRI while F is set).
         assert!(r.record_fault(fault));
+        let status = r32(&r, offset::FSTS);
+        assert_eq!(
+            (status >> fsts::FRI_SHIFT) & 0xff,
+            0,
+            "record 0 again after wrapping"
+        );
+        assert_ne!(r64(&r, fr + 8) & (1 << 63), 0);
+        w32(&mut r, fr + 12, 1 << 31);
+        assert!(r.record_fault(fault));
+        let status = r32(&r, offset::FSTS);
+        assert_eq!(
+            (status >> fsts::FRI_SHIFT) & 0xff,
+            1,
+            "FRI names the new first pending"
+        );
+        assert_ne!(r64(&r, fr + 16 + 8) & (1 << 63), 0);
     }
 
     #[test]
