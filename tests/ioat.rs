@@ -11,7 +11,7 @@ mod common;
 const SCRIPT: &str = r#"
 IOAT=$(for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/vendor):$(cat $d/device)" = "0x8086:0x2021" ] && basename $d; done)
-echo "ioat-functions: $IOAT"
+echo "ioat-functions: $(echo $IOAT)"
 echo "== remapping"
 dmesg | grep -E "DMAR|iommu" | sed 's/^\[[ 0-9.]*\] //'
 echo "ecap=$(cat /sys/class/iommu/dmar0/intel-iommu/ecap)"
@@ -22,7 +22,7 @@ for f in $IOAT; do
 done
 ls /sys/class/dma | sed 's/^/dma-channel /'
 echo "== dmatest"
-modprobe dmatest run=1 iterations=1000 threads_per_chan=2 || echo "dmatest: modprobe failed"
+modprobe dmatest iterations=1000 threads_per_chan=2 run=1 || echo "dmatest: modprobe failed"
 cat /sys/module/dmatest/parameters/wait >/dev/null
 dmesg | grep "dmatest: .*summary" | sed 's/^\[[ 0-9.]*\] //'
 rmmod dmatest
@@ -37,17 +37,20 @@ echo "== done"
 /// dmatest on the reset channel.
 const FAULT_SCRIPT: &str = r#"
 echo "== fault"
+dmesg -c >/dev/null
 echo INJECT-NOW
 for i in $(seq 1 120); do
   dmesg | grep -q "DMAR: \[DMA" && break
-  modprobe dmatest run=1 iterations=1 channel=dma0chan0 threads_per_chan=1
+  modprobe dmatest iterations=1 channel=dma0chan0 threads_per_chan=1 run=1
   cat /sys/module/dmatest/parameters/wait >/dev/null
   rmmod dmatest
   sleep 1
 done
 dmesg | grep -E "DMAR: \[DMA|fault addr|ioatdma|dmatest: .*(result|summary)" | sed 's/^\[[ 0-9.]*\] //' | sed 's/^/fault-report /'
 dmesg -c >/dev/null
-modprobe dmatest run=1 iterations=200 channel=dma0chan0 threads_per_chan=1
+echo FAULT-SEEN
+sleep 10
+modprobe dmatest iterations=200 channel=dma0chan0 threads_per_chan=1 run=1
 cat /sys/module/dmatest/parameters/wait >/dev/null
 dmesg | grep "dmatest: .*summary" | sed 's/^\[[ 0-9.]*\] //' | sed 's/^/after-fault /'
 rmmod dmatest
@@ -223,6 +226,9 @@ fn ioat_through_scalable_mode_vtd() {
         &sock,
         &["iommu-inject-fault", "--device", "00:10.0", "--count", "1"],
     );
+    g.wait_for("FAULT-SEEN");
+    let iommu_after = ctl(&sock, &["iommu-state"]);
+    let ioat_after = ctl(&sock, &["ioat-state"]);
     g.wait_for("== end");
     let (status, out, _) = g.finish();
     assert_eq!(status, Some(0), "guest script:\n{out}");
@@ -247,7 +253,25 @@ fn ioat_through_scalable_mode_vtd() {
         iommu["counters"]["translations"].as_u64().unwrap_or(0) > 10_000,
         "{iommu}"
     );
-    assert!(injected.is_object() || injected.is_null(), "{injected}");
+    assert_eq!(injected["pending"], 1, "{injected}");
+    assert_eq!(
+        iommu_after["counters"]["injected_faults"], 1,
+        "the injection was consumed: {iommu_after}"
+    );
+    assert_eq!(
+        iommu_after["pending_fault_injections"],
+        serde_json::json!([]),
+        "{iommu_after}"
+    );
+    let errors = |state: &serde_json::Value| {
+        state["functions"][0]["channels"][0]["errors"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        errors(&ioat_after) > errors(&before),
+        "channel 0 of 00:10.0 halted on the injected fault: {before} then {ioat_after}"
+    );
 
     // The injected fault: the guest's DMAR report names the I/OAT's source ID, the channel
     // reports the error, and a full dmatest on it afterwards has no failures.
@@ -259,7 +283,7 @@ fn ioat_through_scalable_mode_vtd() {
     assert!(
         fault
             .iter()
-            .any(|l| l.contains("DMAR: [DMA") && l.contains("[00:10.0] fault addr")),
+            .any(|l| l.contains("DMAR: [DMA") && l.contains("00:10.0] fault addr")),
         "no DMAR fault report for 00:10.0:\n{text}\n{out}"
     );
     assert!(

@@ -91,6 +91,14 @@ impl Channel {
         }
     }
 
+    /// Back to power-on (Function Level Reset): every register, the configuration too. The
+    /// counters are the VMM's, not the guest's, and survive.
+    pub fn power_on_reset(&mut self) {
+        let counters = self.counters;
+        *self = Channel::new();
+        self.counters = counters;
+    }
+
     /// CHANSTS: the last completed descriptor's address and the channel state.
     pub fn chansts(&self) -> u64 {
         (self.last_completed & reg::CHANSTS_ADDRESS_MASK) | self.status

@@ -191,7 +191,7 @@ impl IoatFunction {
     /// it (`pcie_flr()`); vfio-pci resets a function this way when it is opened and released.
     pub fn function_level_reset(&mut self) {
         for c in &mut self.channels {
-            *c = Channel::new();
+            c.power_on_reset();
         }
         self.genctrl = 0;
         self.intrctrl = 0;

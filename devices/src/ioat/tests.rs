@@ -504,6 +504,11 @@ fn function_level_reset_returns_the_function_to_power_on() {
     assert_eq!(r.status(), ch::STATUS_HALTED);
     assert_eq!(r.r64(CH0 + ch::CHANCMP), 0);
     assert_eq!(r.r8(dev::INTRCTRL), 0);
+    assert_eq!(
+        r.f.counters()[0].descriptors,
+        1,
+        "the VMM's counters survive"
+    );
     // The channel works again once the driver sets it up anew.
     driver_start(&mut r, 4);
     assert_eq!(r.status(), ch::STATUS_DONE);
