@@ -150,7 +150,7 @@ fn assert_vfio_selftests_passed(out: &str) {
     let lines = phase(out, "vfio-selftests");
     let text = lines.join("\n");
     assert!(
-        lines.iter().any(|l| *l == "vfio-selftests status=0"),
+        lines.contains(&"vfio-selftests status=0"),
         "vfio-selftests failed:\n{text}"
     );
     for test in [
