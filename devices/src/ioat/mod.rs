@@ -10,7 +10,9 @@
 //! bridge, one function, so Linux's `pci_device_group()` gives it a group of its own and vfio
 //! accepts it). BAR 0 (16 KiB, 64-bit) holds the device registers, one register block per
 //! channel, and the MSI-X table (0x2000) and PBA (0x3000); one MSI-X vector per channel
-//! (`ioat_dma_setup_interrupts()` asks for exactly CHANCNT). CBVER is 3.3 as on Skylake-X (the
+//! (`ioat_dma_setup_interrupts()` asks for exactly CHANCNT). An MSI capability (one vector,
+//! 64-bit, maskable) serves the driver's `ioat_interrupt_style=msi` fallback and the VFIO
+//! selftests' MSI variants; with it every channel's attention goes out as the one message. CBVER is 3.3 as on Skylake-X (the
 //! driver then takes its CB3.2 paths, `is_skx_ioat()`); DMA_CAP advertises nothing beyond the
 //! memcpy every channel does (no XOR, PQ, DCA or fill), so `ioatdma` registers memcpy and
 //! interrupt descriptors only. XFERCAP is 4 KiB per descriptor by default: the driver splits
@@ -33,7 +35,8 @@ use crate::pci::msix::MsixLayout;
 use crate::pci::pcie::PcieCapabilityConfig;
 use crate::pci::registers::{DwordRegs, dword_read, dword_write};
 use crate::pci::{
-    BarInfo, BarKind, ConfigSpace, HeaderType, MsixCapability, PciDevice, PciError, PciIds,
+    BarInfo, BarKind, ConfigSpace, HeaderType, MsiCapability, MsixCapability, PciDevice, PciError,
+    PciIds,
 };
 use channel::{Channel, ChannelCounters, Engine};
 use registers::{channel as chan_reg, config as cfg_reg, device as dev_reg};
@@ -78,6 +81,7 @@ pub struct IoatFunction {
     config: ConfigSpace,
     pcie_offset: u16,
     msix: MsixCapability,
+    msi: MsiCapability,
     dma: DmaSpace,
     channels: Vec<Channel>,
     xfercap_log: u8,
@@ -136,9 +140,10 @@ impl IoatFunction {
                 pba_bar: 0,
                 pba_offset: MSIX_PBA_OFFSET,
             },
-            msi,
+            msi.clone(),
             dma.requester_id(),
         )?;
+        let msi = MsiCapability::new(&mut config, 1, msi, dma.requester_id())?;
         // The error registers the driver and the selftests read and clear in config space
         // (no extended capabilities: the list at 0x100 is empty).
         config.set_masks(cfg_reg::DMAUNCERRSTS, 4, 0, u32::MAX);
@@ -149,6 +154,7 @@ impl IoatFunction {
             config,
             pcie_offset,
             msix,
+            msi,
             dma,
             channels: (0..cfg.channels).map(|_| Channel::new()).collect(),
             xfercap_log: cfg.xfercap_log,
@@ -202,6 +208,7 @@ impl IoatFunction {
         let v = self.config.read_u16(msix_control) & !0xc000;
         self.config.set_u16(msix_control, v);
         self.msix.table_mut().reset();
+        self.msi.reset(&mut self.config);
         for reg in [
             cfg_reg::DMAUNCERRSTS,
             cfg_reg::CHANERR_INT,
@@ -212,13 +219,22 @@ impl IoatFunction {
         self.dma.set_bus_master(false);
     }
 
+    /// A channel's attention: ATTNSTATUS records it; the interrupt goes out as MSI-X (vector =
+    /// channel with MSIX_VECTOR_CONTROL, as `ioat_dma_setup_interrupts()` sets for one vector
+    /// per channel; vector 0 without it, its single-vector mode) or, with MSI-X off, as the
+    /// MSI message (`ioat_dma_do_interrupt()` then reads ATTNSTATUS to find the channels).
+    /// There is no INTx pin.
     fn raise(&mut self, index: usize) {
         self.attnstatus |= 1 << index;
-        if self.intrctrl & (dev_reg::INTRCTRL_MSIX_VECTOR_CONTROL | dev_reg::INTRCTRL_MASTER_INT_EN)
-            != 0
-        {
-            // MSI-X is this function's only interrupt mechanism: vector = channel.
-            let _ = self.msix.trigger(index as u16);
+        let per_vector = self.intrctrl & dev_reg::INTRCTRL_MSIX_VECTOR_CONTROL != 0;
+        if !per_vector && self.intrctrl & dev_reg::INTRCTRL_MASTER_INT_EN == 0 {
+            return;
+        }
+        if self.msix.table().enabled() {
+            let vector = if per_vector { index as u16 } else { 0 };
+            let _ = self.msix.trigger(vector);
+        } else if self.msi.enabled(&self.config) {
+            let _ = self.msi.trigger(&mut self.config, 0);
         }
     }
 
@@ -317,6 +333,8 @@ impl PciDevice for IoatFunction {
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
         self.msix.config_written(&self.config, offset, data.len());
+        self.msi
+            .config_written(&mut self.config, offset, data.len());
         self.dma.set_bus_master(self.config.bus_master_enabled());
         // Initiate Function Level Reset: bit 15 of Device Control (the bit reads 0).
         let flr_byte = self.pcie_offset + crate::pci::pcie::DEVCTL as u16 + 1;
@@ -357,6 +375,7 @@ impl PciDevice for IoatFunction {
     fn set_requester_id(&mut self, requester_id: RequesterId) {
         self.dma.set_requester_id(requester_id);
         self.msix.set_requester_id(requester_id);
+        self.msi.set_requester_id(requester_id);
     }
 
     fn name(&self) -> &str {

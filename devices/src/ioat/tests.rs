@@ -443,6 +443,54 @@ fn channels_have_their_own_registers_and_vectors() {
     r.w16(ch::BLOCK * 5 + ch::DMACOUNT, 1);
 }
 
+/// `ioat_interrupt_style=msi`: one MSI message for every channel (MASTER_INT_EN without
+/// MSIX_VECTOR_CONTROL); ATTNSTATUS names the channels; masking holds the message.
+#[test]
+fn msi_mode_sends_one_message_for_every_channel() {
+    let mut r = rig_with(
+        IoatConfig {
+            channels: 2,
+            ..Default::default()
+        },
+        Arc::new(IdentityTranslator),
+    );
+    r.f.config_write(COMMAND, &(COMMAND_MEMORY | COMMAND_MASTER).to_le_bytes());
+    let cap = {
+        let c = r.f.config();
+        u16::from(find_capability(&mut |o, d| c.read(o, d), 0x05).expect("MSI capability"))
+    };
+    let control = r.f.config().read_u16(cap + 2);
+    assert_eq!(control & 0x0e, 0, "one vector requestable");
+    r.f.config_write(cap + 4, &0xfee0_2000u32.to_le_bytes());
+    r.f.config_write(cap + 8, &0u32.to_le_bytes());
+    r.f.config_write(cap + 0xc, &0x0051u16.to_le_bytes());
+    r.f.config_write(cap + 2, &1u16.to_le_bytes());
+    r.w8(dev::INTRCTRL, dev::INTRCTRL_MASTER_INT_EN);
+    for c in 0..2u64 {
+        let base = ch::BLOCK * (c + 1);
+        let ring = RING + 0x1000 * c;
+        r.put(ring, &copy(SRC, DST + 0x1000 * c, 16, ctl::INT_EN, ring));
+        r.w64(base + ch::CHAINADDR, ring);
+        r.w16(base + ch::CHANCTRL, ch::CHANCTRL_INT_REARM);
+        r.w16(base + ch::DMACOUNT, 1);
+    }
+    let got: Vec<(u64, u32)> = r.msi.take().iter().map(|m| (m.address, m.data)).collect();
+    assert_eq!(got, [(0xfee0_2000, 0x51), (0xfee0_2000, 0x51)]);
+    assert_eq!(r.r32(dev::ATTNSTATUS), 0b11);
+    // Masked: nothing goes out until the vector is unmasked.
+    r.f.config_write(cap + 0x10, &1u32.to_le_bytes());
+    let base = ch::BLOCK;
+    r.w16(base + ch::CHANCTRL, ch::CHANCTRL_INT_REARM);
+    r.w16(base + ch::DMACOUNT, 2);
+    assert!(r.msi.is_empty());
+    assert_eq!(r.f.config().read_u32(cap + 0x14), 1, "pending");
+    r.f.config_write(cap + 0x10, &0u32.to_le_bytes());
+    assert_eq!(r.msi.take().len(), 1);
+    // FLR disables MSI again.
+    r.f.function_level_reset();
+    assert_eq!(r.f.config().read_u16(cap + 2) & 1, 0);
+}
+
 #[test]
 fn bad_configurations_are_refused_and_garbage_accesses_are_harmless() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();

@@ -12,6 +12,7 @@
 //! - [`address_translation`]: ATS, PASID and PRI capabilities and their enable/reset/status
 //!   semantics ([`address_translation::AddressTranslation`] reports each change to the device);
 //! - [`pcie`]: the PCI Express capability;
+//! - [`msi`]: MSI capability (64-bit, per-vector masking);
 //! - [`msix`]: MSI-X capability and table/PBA;
 //! - [`function`]: [`SharedFunction`] (a function the root complex and the VMM both hold) and
 //!   [`FunctionInterrupts`] (raising its MSI-X vectors from device workers);
@@ -52,6 +53,7 @@ pub mod capability;
 pub mod config;
 pub mod function;
 pub mod host_bridge;
+pub mod msi;
 pub mod msix;
 pub mod pcie;
 pub mod registers;
@@ -67,6 +69,7 @@ pub use capability::{Capability, ExtendedCapability};
 pub use config::{ConfigSpace, HeaderType, PciIds};
 pub use function::{FunctionInterrupts, SharedFunction};
 pub use host_bridge::HostBridge;
+pub use msi::MsiCapability;
 pub use msix::{MsixCapability, MsixTable, MsixTriggerResult};
 pub use pcie::{LinkSpeed, PcieCapabilityConfig, PciePortType};
 pub use root_complex::{BridgeResources, PciRootComplex, PciWindows};
