@@ -44,7 +44,7 @@ pub const CONTEXT_CAPACITY: usize = 1024;
 pub const PASID_CAPACITY: usize = 4096;
 
 /// Slots of the IOTLB's direct-mapped front (see [`TranslationCaches::front`]).
-pub const FRONT_SLOTS: usize = 64;
+pub const FRONT_SLOTS: usize = 1024;
 
 /// The PASID tag of translations for requests without a PASID in legacy mode.
 pub const NO_PASID: u32 = u32::MAX;
@@ -235,6 +235,8 @@ struct FrontEntry {
     pasid: u32,
     page: u64,
     entry: IotlbEntry,
+    /// The front's generation when filled: an entry of an older generation is empty.
+    generation: u64,
 }
 
 /// The context cache, PASID cache and IOTLB of one remapping unit.
@@ -243,10 +245,12 @@ pub struct TranslationCaches {
     context: Map<u16, CachedContext>,
     pasid: Map<(u16, u32), CachedPasid>,
     iotlb: Map<IotlbKey, IotlbEntry>,
-    /// A small direct-mapped front of the IOTLB keyed by what the request carries (source
+    /// A direct-mapped front of the IOTLB keyed by what the request carries (source
     /// ID, PASID, 4 KiB page), so a hit needs neither the context nor the PASID cache: every
-    /// invalidation of any cache empties it.
-    front: [Option<FrontEntry>; FRONT_SLOTS],
+    /// invalidation of any cache empties it, by moving to the next generation (so emptying
+    /// costs nothing however large the front is).
+    front: Box<[Option<FrontEntry>]>,
+    front_generation: u64,
     counters: CacheCounters,
 }
 
@@ -256,7 +260,8 @@ impl Default for TranslationCaches {
             context: Map::default(),
             pasid: Map::default(),
             iotlb: Map::default(),
-            front: [None; FRONT_SLOTS],
+            front: vec![None; FRONT_SLOTS].into_boxed_slice(),
+            front_generation: 0,
             counters: CacheCounters::default(),
         }
     }
@@ -367,7 +372,8 @@ impl TranslationCaches {
         let page = address >> 12;
         match &self.front[front_slot(source_id, pasid, page)] {
             Some(f)
-                if f.source_id == source_id
+                if f.generation == self.front_generation
+                    && f.source_id == source_id
                     && f.pasid == pasid
                     && f.page == page
                     && usable(&f.entry) =>
@@ -387,11 +393,12 @@ impl TranslationCaches {
             pasid,
             page,
             entry,
+            generation: self.front_generation,
         });
     }
 
     fn clear_front(&mut self) {
-        self.front = [None; FRONT_SLOTS];
+        self.front_generation += 1;
     }
 
     /// The IOTLB entry translating `address` for (`domain`, `pasid`) — 4 KiB, 2 MiB, then
