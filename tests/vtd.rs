@@ -13,6 +13,7 @@ echo "ecap=$(cat /sys/class/iommu/dmar0/intel-iommu/ecap)"
 echo "cap=$(cat /sys/class/iommu/dmar0/intel-iommu/cap)"
 echo "groups=$(ls /sys/kernel/iommu_groups | wc -l)"
 echo "devices=$(ls /sys/class/iommu/dmar0/devices | wc -l)"
+grep -E "dmar[0-9]+-prq" /proc/interrupts | sed 's/^/prq-irq /'
 "#;
 
 /// Boots with `--iommu SPEC` and returns the guest's report.
@@ -135,6 +136,31 @@ fn guest_enables_dma_remapping_in_scalable_mode() {
     let ecap = field(&out, "ecap");
     assert_ne!(ecap & (1 << 43), 0, "ECAP.SMTS: {ecap:#x}");
     assert_ne!(ecap & (1 << 1), 0, "ECAP.QI: {ecap:#x}");
+    // Shared virtual addressing (issue 9): 20-bit PASIDs, device TLBs, page requests — the
+    // guest sets up its page request queue (PRQ_ORDER 4: 16 pages, 2048 requests) and its
+    // dmarN-prq interrupt, and finds the unit SVM-capable.
+    for (bit, name) in [
+        (40, "PASID"),
+        (2, "DT"),
+        (29, "PRS"),
+        (42, "PDS"),
+        (48, "SMPWC"),
+    ] {
+        assert_ne!(ecap & (1 << bit), 0, "ECAP.{name}: {ecap:#x}");
+    }
+    assert_eq!((ecap >> 35) & 0x1f, 19, "ECAP.PSS: 2^20 PASIDs: {ecap:#x}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("prq-irq ") && l.contains("dmar0-prq")),
+        "no dmar0-prq interrupt:\n{out}"
+    );
+    assert!(!out.contains("SVM disabled"), "{out}");
+    assert_eq!(state["page_request_queue"]["entries"], 2048, "{state}");
+    assert_ne!(state["page_request_queue"]["base"], "0x0", "{state}");
+    assert_eq!(
+        (state["pasid_bits"].clone(), state["pri"].clone()),
+        (serde_json::json!(20), serde_json::json!(true))
+    );
 }
 
 #[test]

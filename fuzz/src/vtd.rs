@@ -27,6 +27,10 @@ pub fn run_registers(data: &[u8]) {
         caching_mode: setup & 2 != 0,
         address_width: if setup & 4 != 0 { 39 } else { 48 },
         fault_records: u16::from(setup >> 3),
+        // Scalable mode brings PASIDs, device TLBs and page requests (the defaults).
+        pasid_bits: 20,
+        ats: setup & 1 != 0,
+        pri: setup & 1 != 0,
     };
     let mut regs = RegisterFile::new(config);
     let (cap, ecap) = config.capabilities();
@@ -181,4 +185,146 @@ pub fn run_queue(data: &[u8]) {
             assert!(head < queue_entries, "head {head} outside {queue_entries}");
         }
     }
+}
+
+/// Fuzz target `vtd_page_requests`: the page request queue and page group responses of a
+/// scalable-mode unit (ATS and PRI on) over 1 MiB of guest memory whose root/context tables give
+/// 00:02.0 Page Request Enable. Input: 16-byte operations, byte 0 picks one:
+/// - 0: a page request from 00:02.0 or a random requester ID (bytes 1..=15: address, flags,
+///   group index, PASID);
+/// - 1: a register write (bytes 1..=2 offset inside 0xc0..=0xef, bytes 3..=10 value, 4 or 8
+///   bytes) — PQH, PQT, PQA, PRS, PECTL and the event message registers;
+/// - 2: a page group response (random code, requester ID, PASID, group) through the
+///   invalidation queue;
+/// - 3: a random injection (forced response codes, dropped requests).
+///
+/// Invariants: no panic or hang; PQT stays inside the queue; every response the endpoint gets
+/// is for its own requester ID; the unit answers at most one response per request it took or
+/// descriptor it processed.
+pub fn run_page_requests(data: &[u8]) {
+    use iommu::vtd::registers::iqa;
+    use iommu::vtd::unit::RemappingUnit;
+    use iommu::{
+        AtcInvalidation, DeviceEndpoint, FunctionBinding, PageRequest, PageResponse,
+        PageResponseCode, Pasid, RequesterId,
+    };
+    use std::sync::{Arc, Mutex};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+    #[derive(Default)]
+    struct Endpoint(Mutex<Vec<PageResponse>>);
+    impl DeviceEndpoint for Endpoint {
+        fn invalidate_atc(&self, request: AtcInvalidation) {
+            request.completion.complete();
+        }
+        fn page_response(&self, response: PageResponse) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(response);
+        }
+    }
+
+    let memory = GuestMemoryAtomic::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("1 MiB"),
+    );
+    let put = |gpa: u64, v: u64| {
+        let _ = memory.memory().write_obj(v, GuestAddress(gpa));
+    };
+    // Root 0x1000 → context table 0x2000; 00:02.0 (devfn 0x10): P, DTE, PASIDE, PRE.
+    put(0x1000, 0x2000 | 1);
+    put(
+        0x2000 + 0x10 * 32,
+        0x3000 | 1 | (1 << 2) | (1 << 3) | (1 << 4),
+    );
+    let mut unit = RemappingUnit::new(
+        VtdConfig::default(),
+        memory.clone(),
+        Arc::new(iommu::NullMsiSink),
+    );
+    let device = RequesterId::new(0, 2, 0);
+    let endpoint = Arc::new(Endpoint::default());
+    unit.register_endpoint(FunctionBinding::new(device), endpoint.clone());
+    const QUEUE: u64 = 0x8_0000;
+    const PRQ: u64 = 0x4_0000;
+    unit.write(offset::RTADDR, &(0x1000u64 | (1 << 10)).to_le_bytes());
+    unit.write(offset::GCMD, &global::SRTP.to_le_bytes());
+    unit.write(offset::IQA, &(QUEUE | iqa::DW).to_le_bytes());
+    unit.write(offset::GCMD, &(global::QIE | global::TE).to_le_bytes());
+    unit.write(offset::PQA, &PRQ.to_le_bytes());
+    unit.write(offset::PECTL, &0u32.to_le_bytes());
+    let mut slot = 0u64;
+    let mut answers_possible = 0usize;
+    for op in data.chunks_exact(16).take(crate::MAX_OPS) {
+        let word = |at: usize| u64::from_le_bytes(op[at..at + 8].try_into().expect("8 bytes"));
+        match op[0] % 4 {
+            0 => {
+                answers_possible += 1;
+                let rid = if op[1] & 1 == 0 {
+                    device
+                } else {
+                    RequesterId(u16::from_le_bytes([op[2], op[3]]))
+                };
+                let flags = op[4];
+                let _ = unit.page_request(&PageRequest {
+                    requester_id: rid,
+                    pasid: Pasid::new(u32::from(op[5]) | (u32::from(op[6]) << 8)),
+                    address: word(8),
+                    read: flags & 1 != 0,
+                    write: flags & 2 != 0,
+                    execute: flags & 4 != 0,
+                    privileged: flags & 8 != 0,
+                    group_index: u16::from(op[7]) | (u16::from(flags >> 7) << 8),
+                    last_in_group: flags & 0x10 != 0,
+                });
+            }
+            1 => {
+                let off = (0xc0 + u64::from(op[1] % 0x30)) & !3;
+                let value = word(3 + (op[2] as usize % 5));
+                if op[2] & 0x80 != 0 && off % 8 == 0 {
+                    unit.write(off, &value.to_le_bytes());
+                } else {
+                    unit.write(off, &(value as u32).to_le_bytes());
+                }
+            }
+            2 => {
+                answers_possible += 1;
+                let desc = [
+                    9 | (word(1) & !0xf & 0x000f_ffff_ffff_fff0),
+                    word(8) & 0xff8,
+                    0,
+                    0,
+                ];
+                let bytes: Vec<u8> = desc.iter().flat_map(|q| q.to_le_bytes()).collect();
+                let _ = memory
+                    .memory()
+                    .write_slice(&bytes, GuestAddress(QUEUE + slot * 32));
+                slot = (slot + 1) % 128;
+                unit.write(offset::FSTS, &0x7fu32.to_le_bytes());
+                unit.write(offset::IQT, &(slot << 5).to_le_bytes());
+            }
+            _ => {
+                if op[1] & 1 == 0 {
+                    let code = if op[2] & 1 == 0 {
+                        PageResponseCode::ResponseFailure
+                    } else {
+                        PageResponseCode::InvalidRequest
+                    };
+                    unit.inject_page_responses(code, u32::from(op[3] % 4));
+                } else {
+                    unit.drop_page_requests(u32::from(op[3] % 4));
+                }
+            }
+        }
+        let (_, entries, head, tail) = unit.registers().page_request_queue();
+        assert!(
+            head < entries && tail < entries,
+            "PRQ indices {head}/{tail} of {entries}"
+        );
+    }
+    let got = endpoint.0.lock().unwrap_or_else(|e| e.into_inner()).len();
+    assert!(
+        got <= answers_possible,
+        "{got} responses for {answers_possible} requests and descriptors"
+    );
 }

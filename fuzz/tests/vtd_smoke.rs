@@ -65,3 +65,38 @@ fn vtd_queue_survives_random_descriptor_streams() {
         vmm_fuzz::vtd::run_queue(&data);
     }
 }
+
+#[test]
+fn vtd_page_requests_survive_random_streams() {
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..2000 {
+        let len = (next() % 2048) as usize;
+        let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        vmm_fuzz::vtd::run_page_requests(&data);
+    }
+    // A stream of well-formed requests from the device, then responses to them.
+    let mut data = Vec::new();
+    for group in 0..200u8 {
+        let mut op = [0u8; 16];
+        op[4] = 0x13; // read, write, last in group
+        op[5] = 5; // PASID 5
+        op[7] = group;
+        op[8..16].copy_from_slice(&(0x7000_0000u64 + u64::from(group) * 4096).to_le_bytes());
+        data.extend_from_slice(&op);
+    }
+    for group in 0..200u8 {
+        let mut op = [2u8; 16];
+        let qw0: u64 = (1 << 4) | (0x10 << 16) | (5 << 32);
+        op[1..9].copy_from_slice(&qw0.to_le_bytes());
+        op[8..16].copy_from_slice(&(u64::from(group) << 3).to_le_bytes());
+        op[0] = 2;
+        data.extend_from_slice(&op);
+    }
+    vmm_fuzz::vtd::run_page_requests(&data);
+}

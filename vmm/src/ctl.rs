@@ -39,6 +39,15 @@ impl Log {
     }
 }
 
+/// The page group response code an injection forces.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum InjectedResponse {
+    /// Response Failure: the device stops page requests until PRI is re-enabled.
+    Failure,
+    /// Invalid Request: the device reports the access as failed.
+    Invalid,
+}
+
 /// Parses a decimal or `0x`-prefixed hexadecimal number.
 fn number(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -213,6 +222,31 @@ enum CtlRequest {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
         count: u32,
     },
+    /// Make the next N page group responses the guest sends reach the device as Response
+    /// Failure or Invalid Request (needs --iommu vtd with page requests).
+    #[command(name = "iommu-inject-page-response")]
+    IommuInjectPageResponse {
+        /// The code the device gets.
+        #[arg(long, value_enum)]
+        code: InjectedResponse,
+        /// How many responses (1..=65535).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
+        count: u32,
+    },
+    /// Lose the next N page requests as to a full page request queue (PRS.PRO).
+    #[command(name = "iommu-drop-page-requests")]
+    IommuDropPageRequests {
+        /// How many requests (1..=65535).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
+        count: u32,
+    },
+    /// Complete every later invalidation wait this many milliseconds late (0 turns it off).
+    #[command(name = "iommu-delay-invalidation-wait")]
+    IommuDelayInvalidationWait {
+        /// Milliseconds (0..=10000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10000))]
+        ms: u64,
+    },
     /// Report the I/OAT DMA engines (`--ioat`): per channel its state, CHANERR and counters.
     #[command(name = "ioat-state", visible_alias = "ioat")]
     IoatState,
@@ -230,6 +264,20 @@ impl CtlRequest {
             CtlRequest::IommuState => json!({"command": "iommu-state"}),
             CtlRequest::IommuInjectFault { device, count } => {
                 json!({"command": "iommu-inject-fault", "device": device, "count": count})
+            }
+            CtlRequest::IommuInjectPageResponse { code, count } => json!({
+                "command": "iommu-inject-page-response",
+                "code": match code {
+                    InjectedResponse::Failure => "failure",
+                    InjectedResponse::Invalid => "invalid",
+                },
+                "count": count,
+            }),
+            CtlRequest::IommuDropPageRequests { count } => {
+                json!({"command": "iommu-drop-page-requests", "count": count})
+            }
+            CtlRequest::IommuDelayInvalidationWait { ms } => {
+                json!({"command": "iommu-delay-invalidation-wait", "ms": ms})
             }
             CtlRequest::IoatState => json!({"command": "ioat-state"}),
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),

@@ -165,8 +165,9 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Add an Intel VT-d IOMMU (DMA remapping) and boot the guest with `intel_iommu=on`:
-    /// `vtd[,scalable=on|off][,caching-mode=on|off][,aw-bits=39|48]` (defaults: scalable mode,
-    /// no caching mode, 48-bit).
+    /// `vtd[,scalable=on|off][,caching-mode=on|off][,aw-bits=39|48][,pasid-bits=1..20]
+    /// [,ats=on|off][,pri=on|off]` (defaults: scalable mode, no caching mode, 48-bit; in
+    /// scalable mode 20-bit PASIDs, device TLBs (ATS) and page requests (PRI)).
     #[arg(long, value_name = "SPEC")]
     iommu: Option<String>,
     /// Add an emulated Intel I/OAT DMA engine (Crystal Beach 3.3, the Skylake-X function

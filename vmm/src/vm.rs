@@ -471,7 +471,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
     };
     // I/OAT DMA engines on the root bus, their DMA through the VT-d unit if there is one.
     let translator = vtd.as_ref().map(|(unit, _)| {
-        Arc::new(crate::vtd::DrhdTranslator(unit.clone())) as Arc<dyn iommu::DmaTranslator>
+        Arc::new(iommu::vtd::unit::VtdTranslator::new(unit.clone()))
+            as Arc<dyn iommu::DmaTranslator>
     });
     let ioat = crate::ioat::install(
         &config.ioat,

@@ -1,5 +1,5 @@
 //! VMM side of the VT-d vIOMMU: `--iommu vtd[,scalable=on|off][,caching-mode=on|off]
-//! [,aw-bits=39|48]` parsing, and the remapping unit's register window (the DRHD) on the
+//! [,aw-bits=39|48][,pasid-bits=N][,ats=on|off][,pri=on|off]` parsing, and the remapping unit's register window (the DRHD) on the
 //! platform's fixed MMIO. The model itself is `iommu::vtd`.
 
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,8 @@ pub struct IommuSpecError {
     reason: String,
 }
 
-/// `--iommu vtd[,scalable=on|off][,caching-mode=on|off][,aw-bits=39|48]`.
+/// `--iommu vtd[,scalable=on|off][,caching-mode=on|off][,aw-bits=39|48][,pasid-bits=N]
+/// [,ats=on|off][,pri=on|off]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VtdSpec {
     /// What the remapping unit advertises.
@@ -24,7 +25,9 @@ pub struct VtdSpec {
 }
 
 impl VtdSpec {
-    /// Parses an `--iommu` value. Defaults: scalable mode on, caching mode off, 48-bit.
+    /// Parses an `--iommu` value. Defaults: scalable mode on, caching mode off, 48-bit,
+    /// 20-bit PASIDs, ATS and PRI on in scalable mode (off in legacy mode, where Linux does
+    /// not use them).
     pub fn parse(spec: &str) -> Result<Self, IommuSpecError> {
         let err = |reason: String| IommuSpecError {
             spec: spec.to_string(),
@@ -41,6 +44,7 @@ impl VtdSpec {
             None => return Err(err("empty".into())),
         }
         let mut config = VtdConfig::default();
+        let (mut ats, mut pri) = (None, None);
         for part in parts.filter(|p| !p.is_empty()) {
             let (key, value) = part
                 .split_once('=')
@@ -53,6 +57,14 @@ impl VtdSpec {
             match key {
                 "scalable" => config.scalable = on_off(value)?,
                 "caching-mode" => config.caching_mode = on_off(value)?,
+                "pasid-bits" => {
+                    config.pasid_bits = match value.parse::<u8>() {
+                        Ok(n @ 1..=20) => n,
+                        _ => return Err(err(format!("pasid-bits={value}: expected 1..=20"))),
+                    }
+                }
+                "ats" => ats = Some(on_off(value)?),
+                "pri" => pri = Some(on_off(value)?),
                 "aw-bits" => {
                     config.address_width = match value {
                         "39" => 39,
@@ -63,48 +75,42 @@ impl VtdSpec {
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
         }
+        if !config.scalable && (ats == Some(true) || pri == Some(true)) {
+            return Err(err(
+                "ats and pri need scalable=on (Linux uses them only in scalable mode)".into(),
+            ));
+        }
+        config.ats = ats.unwrap_or(config.scalable);
+        config.pri = pri.unwrap_or(config.ats);
+        if config.pri && !config.ats {
+            return Err(err(
+                "pri=on needs ats=on (page requests follow ATS translation misses)".into(),
+            ));
+        }
         Ok(Self { config })
     }
 }
 
-/// The DRHD register window: the remapping unit behind the platform's fixed MMIO.
-pub struct DrhdWindow(pub RemappingUnit);
+/// The DRHD register window: the remapping unit behind the platform's fixed MMIO. The unit
+/// itself is shared with the devices' DMA (`iommu::vtd::unit::VtdTranslator`) and the control
+/// API.
+pub struct DrhdWindow(pub Arc<Mutex<RemappingUnit>>);
 
-impl devices::bus::BusDevice for DrhdWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0.read(offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0.write(offset, data);
+impl DrhdWindow {
+    fn unit(&self) -> std::sync::MutexGuard<'_, RemappingUnit> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// The unit as the `DmaTranslator` of the functions behind it (their `DmaSpace`s).
-pub struct DrhdTranslator(pub Arc<Mutex<DrhdWindow>>);
-
-impl iommu::DmaTranslator for DrhdTranslator {
-    fn translate(
-        &self,
-        request: &iommu::DmaRequest,
-    ) -> Result<iommu::Translation, iommu::DmaError> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .translate(request)
+impl devices::bus::BusDevice for DrhdWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.unit().read(offset, data);
     }
 
-    fn register_endpoint(
-        &self,
-        binding: iommu::FunctionBinding,
-        endpoint: Arc<dyn iommu::DeviceEndpoint>,
-    ) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .register_endpoint(binding, endpoint);
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.unit().write(offset, data);
     }
 }
 
@@ -115,17 +121,13 @@ pub fn install(
     memory: crate::cxl::DmaMemory,
     msi: Arc<dyn iommu::MsiSink>,
     platform: &mut crate::pci::Platform,
-) -> Result<(Arc<Mutex<DrhdWindow>>, crate::acpi::DmarConfig), String> {
-    let unit = Arc::new(Mutex::new(DrhdWindow(RemappingUnit::new(
-        spec.config,
-        memory,
-        msi,
-    ))));
+) -> Result<(Arc<Mutex<RemappingUnit>>, crate::acpi::DmarConfig), String> {
+    let unit = Arc::new(Mutex::new(RemappingUnit::new(spec.config, memory, msi)));
     platform.add_fixed_mmio(
         "VT-d remapping unit (DRHD)",
         crate::layout::VTD_DRHD_START,
         crate::layout::VTD_DRHD_SIZE,
-        unit.clone(),
+        Arc::new(Mutex::new(DrhdWindow(unit.clone()))),
     )?;
     let dmar = crate::acpi::DmarConfig {
         host_address_width: spec.config.address_width,
@@ -152,6 +154,14 @@ mod tests {
             (c.scalable, c.caching_mode, c.address_width),
             (false, true, 39)
         );
+        assert!(!c.ats && !c.pri, "legacy mode: no ATS/PRI");
+        assert_eq!((d.pasid_bits, d.ats, d.pri), (20, true, true));
+        let n = VtdSpec::parse("vtd,pasid-bits=8,ats=on,pri=off")
+            .unwrap()
+            .config;
+        assert_eq!((n.pasid_bits, n.ats, n.pri), (8, true, false));
+        let a = VtdSpec::parse("vtd,ats=off").unwrap().config;
+        assert!(!a.ats && !a.pri, "pri follows ats");
     }
 
     #[test]
@@ -162,6 +172,10 @@ mod tests {
             ("vtd,aw-bits=57", "aw-bits=57"),
             ("vtd,colour=red", "unknown key 'colour'"),
             ("vtd,scalable", "not key=value"),
+            ("vtd,pasid-bits=21", "pasid-bits=21"),
+            ("vtd,pasid-bits=0", "pasid-bits=0"),
+            ("vtd,ats=off,pri=on", "pri=on needs ats=on"),
+            ("vtd,scalable=off,ats=on", "need scalable=on"),
         ] {
             let e = VtdSpec::parse(spec).unwrap_err().to_string();
             assert!(e.contains(needle) && e.contains(spec), "{spec}: {e}");

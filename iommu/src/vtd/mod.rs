@@ -11,12 +11,15 @@
 //!   events, and the translation of DMA requests ([`unit::VtdTranslator`], the
 //!   `DmaTranslator` for the devices behind the unit);
 //! - [`cache`]: caching translation information (chapter 6) — the context cache, PASID cache
-//!   and IOTLB, and their invalidation at every granularity.
+//!   and IOTLB, and their invalidation at every granularity;
+//! - [`page_request`]: page requests (chapter 7.5) — the descriptors of the page request queue
+//!   and of the page group response.
 //!
-//! Still to come (issue 8): ATS translation requests (ECAP.DT), the page request queue
-//! (part 2).
+//! Device TLBs (ATS, chapter 4): the unit answers translation requests of devices whose
+//! context enables the device TLB, and forwards device-TLB invalidations to them.
 
 pub mod cache;
+pub mod page_request;
 pub mod registers;
 pub mod scalable;
 pub mod tables;

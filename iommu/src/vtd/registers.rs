@@ -12,7 +12,10 @@
 //!   once;
 //! - fault status and fault event registers (FSTS, FECTL/FEDATA/FEADDR/FEUADDR) and the fault
 //!   recording registers at FRO×16;
-//! - the invalidation queue registers (IQH, IQT, IQA, ICS, IECTL/IEDATA/IEADDR/IEUADDR, IQER).
+//! - the invalidation queue registers (IQH, IQT, IQA, ICS, IECTL/IEDATA/IEADDR/IEUADDR, IQER);
+//! - the page request queue registers (PQH, PQT, PQA, PRS, PECTL/PEDATA/PEADDR/PEUADDR,
+//!   VT-d 11.4.11), when page requests are supported (ECAP.PRS); the queue itself is
+//!   [`super::page_request`].
 //!
 //! Every write that asks the unit to do something comes back as a [`RegisterAction`]
 //! (translation enabled, root table latched, queue tail moved, caches to invalidate); the unit
@@ -65,6 +68,30 @@ pub mod offset {
     pub const IEUADDR: u64 = 0xac;
     /// Invalidation Queue Error Record (64 bits).
     pub const IQER: u64 = 0xb0;
+    /// Page Request Queue Head (64 bits).
+    pub const PQH: u64 = 0xc0;
+    /// Page Request Queue Tail (64 bits).
+    pub const PQT: u64 = 0xc8;
+    /// Page Request Queue Address (64 bits).
+    pub const PQA: u64 = 0xd0;
+    /// Page Request Status.
+    pub const PRS: u64 = 0xdc;
+    /// Page Request Event Control.
+    pub const PECTL: u64 = 0xe0;
+    /// Page Request Event Data.
+    pub const PEDATA: u64 = 0xe4;
+    /// Page Request Event Address.
+    pub const PEADDR: u64 = 0xe8;
+    /// Page Request Event Upper Address.
+    pub const PEUADDR: u64 = 0xec;
+}
+
+/// Page Request Status bits (VT-d 11.4.11.4).
+pub mod prs {
+    /// Pending Page Request (RW1C): a request was written to the queue.
+    pub const PPR: u32 = 1 << 0;
+    /// Page Request Overflow (RW1C): a request found the queue full and was not recorded.
+    pub const PRO: u32 = 1 << 1;
 }
 
 /// Global Command / Global Status bits (VT-d 11.4.4, 11.4.5).
@@ -167,6 +194,15 @@ pub struct VtdConfig {
     pub address_width: u8,
     /// Number of fault recording registers (1..=[`MAX_FAULT_RECORDS`]).
     pub fault_records: u16,
+    /// PASID width in bits (scalable mode: ECAP.PASID, ECAP.PSS = width − 1; Linux's
+    /// `max_pasids` is `2 << PSS`), 1..=20; 0 for no PASID support.
+    pub pasid_bits: u8,
+    /// Device-TLB support (ECAP.DT): answers ATS translation requests and passes ATS-translated
+    /// requests of devices whose context enables the device TLB (scalable mode).
+    pub ats: bool,
+    /// Page request support (ECAP.PRS with PDS): the page request queue and page group
+    /// responses (scalable mode, needs `ats`).
+    pub pri: bool,
 }
 
 impl Default for VtdConfig {
@@ -176,6 +212,9 @@ impl Default for VtdConfig {
             caching_mode: false,
             address_width: 48,
             fault_records: 8,
+            pasid_bits: 20,
+            ats: true,
+            pri: true,
         }
     }
 }
@@ -220,6 +259,23 @@ impl VtdConfig {
             ecap |= 1 << 46; // SLTS: second-stage translation
             ecap |= 1 << 47; // FLTS: first-stage translation
             ecap |= 1 << 48; // SMPWC: scalable-mode page walks are coherent
+            // FL1GP: 1 GiB first-stage pages (the walker takes them; Linux refuses SVA on a
+            // CPU with 1 GiB pages without it, `intel_svm_check()`).
+            cap |= 1 << 56;
+            if self.pasid_bits > 0 {
+                let bits = u64::from(self.pasid_bits.min(20));
+                ecap |= 1 << 40; // PASID
+                ecap |= (bits - 1) << 35; // PSS
+                ecap |= 1 << 31; // SRS: supervisor (privileged) requests
+            }
+            if self.ats {
+                ecap |= 1 << 2; // DT: device TLBs (ATS)
+                ecap |= 1 << 33; // NWFS: translation requests with No Write
+                if self.pri {
+                    ecap |= 1 << 29; // PRS: page requests
+                    ecap |= 1 << 42; // PDS: page-request drain (Linux needs it with PRS)
+                }
+            }
         }
         (cap, ecap)
     }
@@ -265,6 +321,8 @@ pub enum RegisterAction {
     SendFaultEvent,
     /// An invalidation event was unmasked while one was pending: send it now.
     SendInvalidationEvent,
+    /// The page request event was unmasked while pending: send its MSI now.
+    SendPageRequestEvent,
 }
 
 /// The register file of one remapping unit.
@@ -292,6 +350,14 @@ pub struct RegisterFile {
     iqer: u64,
     iva: u64,
     iotlb: u64,
+    pqh: u64,
+    pqt: u64,
+    pqa: u64,
+    prs: u32,
+    pectl: u32,
+    pedata: u32,
+    peaddr: u32,
+    peuaddr: u32,
     /// Fault recording registers, 128 bits each (low, high qwords).
     fault_records: Vec<(u64, u64)>,
     /// The record the next fault goes to (the hardware's internal pointer; FSTS.FRI instead
@@ -346,6 +412,14 @@ impl RegisterFile {
             iqer: 0,
             iva: 0,
             iotlb: 0,
+            pqh: 0,
+            pqt: 0,
+            pqa: 0,
+            prs: 0,
+            pectl: event::IM,
+            pedata: 0,
+            peaddr: 0,
+            peuaddr: 0,
             fault_records: vec![(0, 0); records],
             next_fault_record: 0,
         }
@@ -425,6 +499,66 @@ impl RegisterFile {
         } else {
             true
         }
+    }
+
+    /// Whether the unit takes page requests (ECAP.PRS).
+    pub fn page_requests_supported(&self) -> bool {
+        self.ecap & (1 << 29) != 0
+    }
+
+    /// Whether the unit answers ATS translation requests (ECAP.DT).
+    pub fn device_tlb_supported(&self) -> bool {
+        self.ecap & (1 << 2) != 0
+    }
+
+    /// The page request queue: (base, entries, head, tail); head and tail are indices of
+    /// 32-byte descriptors. PQA.PQS gives 2^PQS 4 KiB pages (VT-d 11.4.11.3).
+    pub fn page_request_queue(&self) -> (u64, u64, u64, u64) {
+        let pages = 1u64 << (self.pqa & 0x7);
+        let entries = pages * 4096 / 32;
+        (
+            self.pqa & !0xfff,
+            entries,
+            (self.pqh >> 5) % entries,
+            (self.pqt >> 5) % entries,
+        )
+    }
+
+    /// Page Request Status.
+    pub fn page_request_status(&self) -> u32 {
+        self.prs
+    }
+
+    /// A request was written at index `tail - 1`: PQT moves to `tail` and PRS.PPR is set. The
+    /// page request event goes out when PPR was clear (VT-d 7.5.1.1) and PECTL.IM is clear;
+    /// returns whether to send it now.
+    pub fn page_request_queued(&mut self, tail: u64) -> bool {
+        self.pqt = tail << 5;
+        let was = self.prs & prs::PPR != 0;
+        self.prs |= prs::PPR;
+        !was && self.signal_page_request_event()
+    }
+
+    /// A request found the queue full (or PRO already set): PRS.PRO is set (VT-d 7.5.1.2).
+    /// Returns whether the page request event must be sent now.
+    pub fn page_request_overflow(&mut self) -> bool {
+        let was = self.prs != 0;
+        self.prs |= prs::PRO;
+        !was && self.signal_page_request_event()
+    }
+
+    fn signal_page_request_event(&mut self) -> bool {
+        if self.pectl & event::IM != 0 {
+            self.pectl |= event::IP;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// The page request event message (address, upper address, data).
+    pub fn page_request_event_message(&self) -> (u32, u32, u32) {
+        (self.peaddr, self.peuaddr, self.pedata)
     }
 
     /// The fault event message (address, upper address, data).
@@ -557,6 +691,15 @@ impl RegisterFile {
             offset::IEUADDR => self.ieuaddr,
             o if o == offset::IQER => lo(self.iqer),
             o if o == offset::IQER + 4 => hi(self.iqer),
+            o if o == offset::PQH && self.page_requests_supported() => lo(self.pqh),
+            o if o == offset::PQT && self.page_requests_supported() => lo(self.pqt),
+            o if o == offset::PQA && self.page_requests_supported() => lo(self.pqa),
+            o if o == offset::PQA + 4 && self.page_requests_supported() => hi(self.pqa),
+            offset::PRS if self.page_requests_supported() => self.prs,
+            offset::PECTL if self.page_requests_supported() => self.pectl,
+            offset::PEDATA if self.page_requests_supported() => self.pedata,
+            offset::PEADDR if self.page_requests_supported() => self.peaddr,
+            offset::PEUADDR if self.page_requests_supported() => self.peuaddr,
             o if o == iotlb_base => lo(self.iva),
             o if o == iotlb_base + 4 => hi(self.iva),
             o if o == iotlb_base + 8 => lo(self.iotlb),
@@ -652,6 +795,28 @@ impl RegisterFile {
             offset::IEDATA => self.iedata = value,
             offset::IEADDR => self.ieaddr = value & !0x3,
             offset::IEUADDR => self.ieuaddr = value,
+            // The page request queue registers exist only with ECAP.PRS. PQH/PQT hold the
+            // offset of a 32-byte descriptor (bits 18:5); software writes PQH as it consumes
+            // requests, and Linux also zeroes PQT when it sets the queue up or tears it down.
+            o if !self.page_requests_supported()
+                && (offset::PQH..=offset::PEUADDR).contains(&o) => {}
+            o if o == offset::PQH => self.pqh = u64::from(value & 0x7ffe0),
+            o if o == offset::PQT => self.pqt = u64::from(value & 0x7ffe0),
+            o if o == offset::PQH + 4 || o == offset::PQT + 4 => {}
+            o if o == offset::PQA => set_lo(&mut self.pqa, value & !0xff8),
+            o if o == offset::PQA + 4 => set_hi(&mut self.pqa, value),
+            offset::PRS => self.prs &= !(value & (prs::PPR | prs::PRO)),
+            offset::PECTL => {
+                let unmasked = value & event::IM == 0;
+                self.pectl = (self.pectl & event::IP) | (value & event::IM);
+                if unmasked && self.pectl & event::IP != 0 {
+                    self.pectl &= !event::IP;
+                    actions.push(RegisterAction::SendPageRequestEvent);
+                }
+            }
+            offset::PEDATA => self.pedata = value,
+            offset::PEADDR => self.peaddr = value & !0x3,
+            offset::PEUADDR => self.peuaddr = value,
             o if o == iotlb_base => set_lo(&mut self.iva, value),
             o if o == iotlb_base + 4 => set_hi(&mut self.iva, value),
             o if o == iotlb_base + 8 => set_lo(&mut self.iotlb, value),
@@ -776,7 +941,28 @@ mod tests {
             assert_ne!(ecap & (1 << bit), 0, "{name}");
         }
         assert_eq!(ecap & (1 << 3), 0, "no interrupt remapping");
-        assert_eq!(ecap & (1 << 2), 0, "no device TLB in part 1");
+        // Shared virtual addressing (issue 9): PASID with 20 bits (Linux: max_pasids =
+        // 2 << PSS), device TLBs, page requests with drain, and 1 GiB first-stage pages.
+        for (bit, name) in [
+            (2, "DT"),
+            (29, "PRS"),
+            (33, "NWFS"),
+            (40, "PASID"),
+            (42, "PDS"),
+        ] {
+            assert_ne!(ecap & (1 << bit), 0, "{name}");
+        }
+        assert_eq!((ecap >> 35) & 0x1f, 19, "PSS");
+        assert_ne!(cap & (1 << 56), 0, "FL1GP");
+        let (_, plain) = VtdConfig {
+            ats: false,
+            pasid_bits: 0,
+            ..VtdConfig::default()
+        }
+        .capabilities();
+        for bit in [2, 29, 40, 42] {
+            assert_eq!(plain & (1 << bit), 0, "bit {bit} without ATS/PASID");
+        }
         // The IOTLB and fault recording registers lie inside the 4 KiB window.
         let records = ((cap >> 40) & 0xff) + 1;
         assert!(FAULT_RECORD_UNITS * 16 + records * 16 <= REGISTER_WINDOW);
@@ -793,12 +979,18 @@ mod tests {
             caching_mode: true,
             address_width: 39,
             fault_records: 1,
+            ..VtdConfig::default()
         }
         .capabilities();
         assert_eq!((cap >> 8) & 0x1f, 0b0010);
         assert_eq!((cap >> 16) & 0x3f, 38);
         assert_ne!(cap & (1 << 7), 0);
         assert_eq!(ecap & (1 << 43), 0);
+        assert_eq!(
+            ecap & ((1 << 2) | (1 << 29) | (1 << 40)),
+            0,
+            "no SVA in legacy mode"
+        );
     }
 
     /// Linux's `iommu_set_root_entry`, `iommu_enable_translation` and `dmar_enable_qi`: write

@@ -207,6 +207,11 @@ impl ScalableContextEntry {
         self.qw[0] & (1 << 2) != 0
     }
 
+    /// Page Request Enable: the device's page requests go to the page request queue.
+    pub fn page_requests_enabled(&self) -> bool {
+        self.qw[0] & (1 << 4) != 0
+    }
+
     /// RID_PASID: the PASID of requests without one.
     pub fn rid_pasid(&self) -> u32 {
         (self.qw[1] & 0xf_ffff) as u32

@@ -15,8 +15,17 @@
 //! (descriptors, the CCMD and IOTLB registers, SRTP, TE) honours. Nothing not-present or
 //! faulting is ever cached.
 //!
+//! Device TLBs and page requests (ECAP.DT, ECAP.PRS; VT-d 4 and 7.5): translation requests of
+//! a device whose context enables the device TLB are answered with the translation — a
+//! missing or read-only page is a completion without read and write permission, not a fault —
+//! and page requests of a device whose context has Page Request Enable go to the page request
+//! queue ([`RemappingUnit::page_request`]); the guest's page group responses go back to the
+//! device through its [`DeviceEndpoint`].
+//!
 //! For testing device error paths, the control API can make the next N translations of a
-//! requester ID fail as a real translation fault would ([`RemappingUnit::inject_faults`]).
+//! requester ID fail as a real translation fault would ([`RemappingUnit::inject_faults`]),
+//! force the next page group responses to Failure or Invalid, drop page requests as an
+//! overflowing queue would, and slow invalidation waits down ([`SvaInjections`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,12 +37,14 @@ use super::cache::{
     CacheCounters, CacheOccupancy, CachedContext, CachedPasid, FirstStageRights, IotlbEntry,
     NO_PASID, TranslationCaches,
 };
+use super::page_request::{DESCRIPTOR_SIZE, PageRequestDescriptor, decode_group_response};
 use super::registers::{FaultRecord, RegisterAction, RegisterFile, VtdConfig};
 use super::scalable::{PasidTranslation, ScalableRequest};
 use super::tables::{Leaf, TranslationType, WalkRequest};
 use crate::{
     AddressType, AtcInvalidation, Completion, DeviceEndpoint, DmaAccess, DmaError, DmaRequest,
-    DmaTranslator, FunctionBinding, MsiMessage, MsiSink, Pasid, RequesterId, Translation,
+    DmaTranslator, FunctionBinding, MsiMessage, MsiSink, PageRequest, PageResponse,
+    PageResponseCode, Pasid, RequesterId, Translation,
 };
 
 /// Invalidation descriptor types (VT-d 6.5.2, Type\[3:0\] with Type\[6:4\] at bits 11:9).
@@ -107,7 +118,45 @@ pub struct UnitCounters {
     pub pasid_cache_hits: u64,
     /// PASID-cache lookups that read the PASID directory and table.
     pub pasid_cache_misses: u64,
+    /// ATS translation requests answered (with or without a translation).
+    pub ats_translations: u64,
+    /// ATS translation requests answered without read and write permission (the page was
+    /// missing or did not allow the access: the device may send a page request).
+    pub ats_denied: u64,
+    /// Page requests received from devices.
+    pub page_requests: u64,
+    /// Page requests written to the page request queue.
+    pub page_requests_queued: u64,
+    /// Page requests lost to a full queue (or to an injected drop): PRS.PRO.
+    pub prq_overflows: u64,
+    /// Page group responses the unit sent on its own (PRE clear: Invalid Request; a lost last
+    /// request of a group: Success, so the device retries).
+    pub auto_responses: u64,
+    /// Page group responses from software, by the code the device was given: Success.
+    pub responses_success: u64,
+    /// … Invalid Request.
+    pub responses_invalid: u64,
+    /// … Response Failure.
+    pub responses_failure: u64,
+    /// Page group responses whose code an injection replaced.
+    pub injected_responses: u64,
+    /// Invalidation waits held back by an injected delay.
+    pub delayed_waits: u64,
 }
+
+/// Fault injection for shared virtual addressing (the control API's `iommu-inject-*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvaInjections {
+    /// The next `.1` page group responses from software reach the device with code `.0`.
+    pub forced_responses: Option<(PageResponseCode, u32)>,
+    /// The next this many page requests are dropped as if the queue were full (PRS.PRO).
+    pub dropped_page_requests: u32,
+    /// Every invalidation wait descriptor completes this much later.
+    pub wait_delay: Duration,
+}
+
+/// The longest injectable invalidation-wait delay.
+pub const MAX_WAIT_DELAY: Duration = Duration::from_secs(10);
 
 /// What translation needs from CAP/ECAP and the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -150,6 +199,8 @@ pub struct RemappingUnit {
     geometry: Geometry,
     /// Translation faults to inject: requester ID and how many of its next translations fail.
     injected: Vec<(RequesterId, u32)>,
+    /// Page-request and invalidation-wait injections.
+    sva_injections: SvaInjections,
 }
 
 impl std::fmt::Debug for RemappingUnit {
@@ -191,7 +242,32 @@ impl RemappingUnit {
             caches: TranslationCaches::new(),
             geometry: Geometry::of(config),
             injected: Vec::new(),
+            sva_injections: SvaInjections::default(),
         }
+    }
+
+    /// The page-request and invalidation-wait injections still pending.
+    pub fn sva_injections(&self) -> SvaInjections {
+        self.sva_injections
+    }
+
+    /// Makes the next `count` page group responses software sends reach their device as `code`
+    /// (replacing what is pending). `count` 0 cancels.
+    pub fn inject_page_responses(&mut self, code: PageResponseCode, count: u32) {
+        self.sva_injections.forced_responses = (count > 0).then_some((code, count));
+    }
+
+    /// Drops the next `count` page requests as a full queue would (PRS.PRO; the last request
+    /// of a group is answered Success so the device retries). Adds to what is pending.
+    pub fn drop_page_requests(&mut self, count: u32) {
+        let pending = &mut self.sva_injections.dropped_page_requests;
+        *pending = pending.saturating_add(count);
+    }
+
+    /// Holds every later invalidation wait descriptor back by `delay` (at most
+    /// [`MAX_WAIT_DELAY`]; zero turns it off), as a slow device-TLB flush would.
+    pub fn set_wait_delay(&mut self, delay: Duration) {
+        self.sva_injections.wait_delay = delay.min(MAX_WAIT_DELAY);
     }
 
     /// The register file.
@@ -367,6 +443,7 @@ impl RemappingUnit {
             match action {
                 RegisterAction::SendFaultEvent => self.send_fault_event(),
                 RegisterAction::SendInvalidationEvent => self.send_invalidation_event(),
+                RegisterAction::SendPageRequestEvent => self.send_page_request_event(),
                 RegisterAction::SetRootTable(rtaddr) => {
                     log::debug!("vt-d: root table {rtaddr:#x}");
                     self.caches.flush_all();
@@ -433,14 +510,24 @@ impl RemappingUnit {
             };
             return Err(self.fault(request, reason));
         }
-        let result = if request.address_type != AddressType::Untranslated {
-            // No device TLB in this unit (ECAP.DT clear): ATS requests are blocked.
-            Err(if scalable {
-                super::scalable::reason::DTE_CLEAR
-            } else {
-                super::tables::reason::BLOCKED
-            })
-        } else if scalable {
+        match request.address_type {
+            AddressType::Untranslated => {}
+            AddressType::TranslationRequest => return self.translation_request(request, scalable),
+            AddressType::Translated => {
+                // ATS-translated requests pass untranslated when the device's context enables
+                // its device TLB (VT-d 4.2.3); otherwise they are blocked.
+                return if self.device_tlb_enabled(request.requester_id.0, scalable) {
+                    Ok(Translation {
+                        execute: true,
+                        privileged: true,
+                        ..Translation::new(request.address, request.len.max(1), true, true)
+                    })
+                } else {
+                    Err(self.fault(request, blocked_reason(scalable)))
+                };
+            }
+        }
+        let result = if scalable {
             self.translate_scalable(request)
         } else if request.pasid.is_some() {
             Err(0x31) // SM: TTM 0 for a request with PASID
@@ -462,6 +549,193 @@ impl RemappingUnit {
             }
             Err(reason) => Err(self.fault(request, reason)),
         }
+    }
+
+    /// An ATS translation request (PCIe Base Spec r6.0 §10.2.2; VT-d 4.2): refused with a fault
+    /// unless the unit has device TLBs and the device's context enables its device TLB;
+    /// otherwise the translation — a page-level failure (not present, not writable for a
+    /// write, user to supervisor) is a completion with neither read nor write permission, no
+    /// fault recorded, so the device may send a page request. A read request is never granted
+    /// write permission: the device asks again to write, which sets the Dirty bit.
+    fn translation_request(
+        &mut self,
+        request: &DmaRequest,
+        scalable: bool,
+    ) -> Result<Translation, DmaError> {
+        self.counters.ats_translations += 1;
+        if !self.regs.device_tlb_supported()
+            || !self.device_tlb_enabled(request.requester_id.0, scalable)
+        {
+            return Err(self.fault(request, blocked_reason(scalable)));
+        }
+        let result = if scalable {
+            self.translate_scalable(request)
+        } else if request.pasid.is_some() {
+            Err(0x31)
+        } else {
+            self.translate_legacy(request)
+        };
+        let write = request.access == DmaAccess::Write;
+        match result {
+            Ok(leaf) => {
+                let offset = request.address & (leaf.page_size - 1);
+                Ok(Translation {
+                    page_size: leaf.page_size,
+                    privileged: request.privileged,
+                    ..Translation::new(
+                        leaf.page + offset,
+                        leaf.page_size - offset,
+                        leaf.read,
+                        leaf.write && write,
+                    )
+                })
+            }
+            Err(reason) if page_level_reason(reason) => {
+                self.counters.ats_denied += 1;
+                let offset = request.address & 0xfff;
+                Ok(Translation {
+                    page_size: 4096,
+                    ..Translation::new(0, 4096 - offset, false, false)
+                })
+            }
+            Err(reason) => Err(self.fault(request, reason)),
+        }
+    }
+
+    /// Whether `sid`'s context enables its device TLB (scalable: DTE; legacy: TT = 01b).
+    fn device_tlb_enabled(&mut self, sid: u16, scalable: bool) -> bool {
+        let Geometry { sagaw, width, .. } = self.geometry;
+        match self.caches.context(sid) {
+            Some(CachedContext::Scalable(c)) if scalable => return c.device_tlb_enabled(),
+            Some(CachedContext::Legacy(c)) if !scalable => {
+                return c.translation_type == TranslationType::WithDeviceTlb;
+            }
+            _ => {}
+        }
+        let root = self.regs.root_table() & !0xfff;
+        let memory = self.memory.memory();
+        if scalable {
+            super::scalable::lookup_context(&*memory, root, sid, width)
+                .is_ok_and(|c| c.device_tlb_enabled())
+        } else {
+            super::tables::lookup_context(&*memory, root, sid, width)
+                .and_then(|e| e.decode(sagaw, width))
+                .is_ok_and(|c| c.translation_type == TranslationType::WithDeviceTlb)
+        }
+    }
+
+    /// A PRI page request from a device (VT-d 7.5.1): written to the page request queue with
+    /// PRS.PPR and the page request event, when the unit supports page requests and the
+    /// device's scalable-mode context has Page Request Enable. Otherwise the unit answers the
+    /// group itself: Invalid Request when the context does not take page requests; Success
+    /// when the request was lost to a full queue (PRS.PRO), so the device asks again. Errors
+    /// only when the unit has no page request support at all.
+    pub fn page_request(&mut self, request: &PageRequest) -> Result<(), DmaError> {
+        if !self.regs.page_requests_supported() {
+            return Err(DmaError::PageRequestUnsupported);
+        }
+        self.counters.page_requests += 1;
+        let sid = request.requester_id.0;
+        if !self.page_requests_enabled(sid) {
+            log::debug!(
+                "vt-d: page request from {} without PRE",
+                request.requester_id
+            );
+            self.auto_respond(request, PageResponseCode::InvalidRequest);
+            return Ok(());
+        }
+        let dropped = self.sva_injections.dropped_page_requests > 0;
+        if dropped {
+            self.sva_injections.dropped_page_requests -= 1;
+        }
+        let (base, entries, head, tail) = self.regs.page_request_queue();
+        let next = (tail + 1) % entries;
+        let overflowing = self.regs.page_request_status() & super::registers::prs::PRO != 0;
+        let written = !dropped
+            && !overflowing
+            && next != head
+            && base.checked_add(tail * DESCRIPTOR_SIZE).is_some_and(|gpa| {
+                let d = PageRequestDescriptor::new(request);
+                self.memory
+                    .memory()
+                    .write_slice(zerocopy::IntoBytes::as_bytes(&d), GuestAddress(gpa))
+                    .is_ok()
+            });
+        if written {
+            self.counters.page_requests_queued += 1;
+            if self.regs.page_request_queued(next) {
+                self.send_page_request_event();
+            }
+        } else {
+            self.counters.prq_overflows += 1;
+            if self.regs.page_request_overflow() {
+                self.send_page_request_event();
+            }
+            self.auto_respond(request, PageResponseCode::Success);
+        }
+        Ok(())
+    }
+
+    /// Whether `sid`'s scalable-mode context takes page requests (PRE).
+    fn page_requests_enabled(&mut self, sid: u16) -> bool {
+        if (self.regs.root_table() >> 10) & 3 != 1 || !self.regs.translation_enabled() {
+            return false;
+        }
+        if let Some(CachedContext::Scalable(c)) = self.caches.context(sid) {
+            return c.page_requests_enabled();
+        }
+        let root = self.regs.root_table() & !0xfff;
+        super::scalable::lookup_context(&*self.memory.memory(), root, sid, self.geometry.width)
+            .is_ok_and(|c| c.page_requests_enabled())
+    }
+
+    /// The unit's own answer to the group of `request` (sent only for the last request of a
+    /// group, as a response answers the whole group).
+    fn auto_respond(&mut self, request: &PageRequest, code: PageResponseCode) {
+        if !request.last_in_group {
+            return;
+        }
+        self.counters.auto_responses += 1;
+        self.respond(
+            request.requester_id,
+            PageResponse {
+                pasid: request.pasid,
+                group_index: request.group_index,
+                code,
+            },
+        );
+    }
+
+    /// Hands `response` to the function at `requester_id` (if one is registered).
+    fn respond(&self, requester_id: RequesterId, response: PageResponse) {
+        let mut delivered = false;
+        for (binding, endpoint) in &self.endpoints {
+            if binding.requester_id() == requester_id {
+                endpoint.page_response(response);
+                delivered = true;
+            }
+        }
+        if !delivered {
+            log::debug!("vt-d: page group response for {requester_id}, which has no endpoint");
+        }
+    }
+
+    /// A page group response descriptor (type 9): to the device, with an injected code if one
+    /// is pending; counted by the code the device gets.
+    fn page_group_response(&mut self, desc: &Descriptor) {
+        let decoded = decode_group_response(desc.qw[0], desc.qw[1]);
+        let mut response = decoded.response;
+        if let Some((code, count)) = self.sva_injections.forced_responses {
+            response.code = code;
+            self.counters.injected_responses += 1;
+            self.sva_injections.forced_responses = (count > 1).then_some((code, count - 1));
+        }
+        match response.code {
+            PageResponseCode::Success => self.counters.responses_success += 1,
+            PageResponseCode::InvalidRequest => self.counters.responses_invalid += 1,
+            PageResponseCode::ResponseFailure => self.counters.responses_failure += 1,
+        }
+        self.respond(decoded.requester_id, response);
     }
 
     /// Consumes one pending injected fault of `requester_id`, if any.
@@ -715,6 +989,11 @@ impl RemappingUnit {
         self.deliver(message);
     }
 
+    fn send_page_request_event(&mut self) {
+        let message = self.regs.page_request_event_message();
+        self.deliver(message);
+    }
+
     fn report_queue_error(&mut self, info: u64) {
         self.counters.queue_errors += 1;
         log::debug!("vt-d: invalidation queue error {info:#x}");
@@ -789,6 +1068,12 @@ impl RemappingUnit {
                 self.invalidate_device_tlb(desc);
             }
             descriptor::WAIT => self.wait(desc)?,
+            descriptor::PAGE_GROUP_RESPONSE if self.regs.page_requests_supported() => {
+                if reserved_upper {
+                    return Err(queue_error::DESCRIPTOR);
+                }
+                self.page_group_response(desc);
+            }
             _ => return Err(queue_error::DESCRIPTOR),
         }
         self.counters.descriptors[usize::from(kind)] += 1;
@@ -877,6 +1162,11 @@ impl RemappingUnit {
     fn wait(&mut self, desc: &Descriptor) -> Result<(), u64> {
         let interrupt = desc.qw[0] & (1 << 4) != 0;
         let status_write = desc.qw[0] & (1 << 5) != 0;
+        let delay = self.sva_injections.wait_delay;
+        if !delay.is_zero() {
+            self.counters.delayed_waits += 1;
+            std::thread::sleep(delay);
+        }
         for completion in std::mem::take(&mut self.pending_device_tlb) {
             if !completion.wait(DEVICE_TLB_TIMEOUT) {
                 log::warn!("vt-d: a device-TLB invalidation did not complete");
@@ -976,6 +1266,34 @@ fn legacy_device_context(
     Some(out)
 }
 
+/// The fault reason of a request the context blocks (a translated or translation request
+/// without the device TLB enabled).
+fn blocked_reason(scalable: bool) -> u8 {
+    if scalable {
+        super::scalable::reason::DTE_CLEAR
+    } else {
+        super::tables::reason::BLOCKED
+    }
+}
+
+/// Whether a fault reason is about the page itself (not present, or the access not allowed),
+/// which an ATS translation request reports as a completion without permissions.
+fn page_level_reason(reason: u8) -> bool {
+    use super::scalable::reason as sm;
+    use super::tables::reason as legacy;
+    matches!(
+        reason,
+        sm::FIRST_STAGE_NOT_PRESENT
+            | sm::SECOND_STAGE_PERMISSION
+            | sm::USER_TO_SUPERVISOR
+            | sm::NO_EXECUTE
+            | sm::NO_WRITE
+            | sm::NO_READ
+            | legacy::NO_WRITE
+            | legacy::NO_READ
+    )
+}
+
 /// The pass-through translation of `address`: its own 4 KiB page, read/write.
 fn identity(address: u64) -> Leaf {
     Leaf {
@@ -1008,10 +1326,29 @@ impl VtdTranslator {
 
 impl DmaTranslator for VtdTranslator {
     fn translate(&self, request: &DmaRequest) -> Result<Translation, DmaError> {
+        if request.address_type == AddressType::Translated {
+            // An ATS-translated request carries a guest-physical address the unit handed out
+            // in a translation completion, only to a device whose context enables its device
+            // TLB: it passes without the unit (VT-d 4.2.3). Not taking the unit's lock here is
+            // what lets a device finish the access in flight — and then complete a device-TLB
+            // invalidation — while the unit waits for that completion in a wait descriptor.
+            return Ok(Translation {
+                execute: true,
+                privileged: true,
+                ..Translation::new(request.address, request.len.max(1), true, true)
+            });
+        }
         self.unit
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .translate(request)
+    }
+
+    fn page_request(&self, request: &PageRequest) -> Result<(), DmaError> {
+        self.unit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .page_request(request)
     }
 
     fn register_endpoint(&self, binding: FunctionBinding, endpoint: Arc<dyn DeviceEndpoint>) {
@@ -1833,5 +2170,288 @@ mod tests {
             let (list, _) = g.device_contexts(64);
             assert!(list.len() <= 64);
         }
+    }
+
+    // ---- Device TLBs and page requests (issue 9) ----
+
+    /// Turns on DTE and PRE in 00:02.0's scalable-mode context (before anything is cached).
+    fn enable_ats_and_pri(mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+        set(
+            mem,
+            0x2000 + 0x10 * 32,
+            0x3000 | 1 | (1 << 2) | (1 << 3) | (1 << 4),
+        );
+    }
+
+    fn ats_request(pasid: u32, address: u64, write: bool) -> DmaRequest {
+        DmaRequest {
+            address_type: AddressType::TranslationRequest,
+            ..request(DEV_A, Some(pasid), address, write)
+        }
+    }
+
+    #[derive(Default)]
+    struct Responses(std::sync::Mutex<Vec<PageResponse>>);
+
+    impl DeviceEndpoint for Responses {
+        fn invalidate_atc(&self, request: AtcInvalidation) {
+            request.completion.complete();
+        }
+        fn page_response(&self, response: PageResponse) {
+            self.0.lock().unwrap().push(response);
+        }
+    }
+
+    #[test]
+    fn translation_requests_need_the_device_tlb_and_report_missing_pages_without_a_fault() {
+        let (mut u, mem) = scalable();
+        // DTE clear: refused with a fault.
+        assert!(u.translate(&ats_request(5, FS_IOVA, false)).is_err());
+        assert_eq!(u.counters().faults, 1);
+        let (mut u, mem2) = scalable();
+        drop(mem);
+        enable_ats_and_pri(&mem2);
+        // A read: the page, readable, never writable (the device asks again to write).
+        let t = u.translate(&ats_request(5, FS_IOVA, false)).unwrap();
+        assert_eq!((t.gpa, t.read, t.write), (0x30_5000, true, false));
+        assert_eq!(get(&mem2, fs_leaf(5)) & (1 << 6), 0, "still clean");
+        // A write: writable, and the leaf is Dirty now.
+        let t = u.translate(&ats_request(5, FS_IOVA + 8, true)).unwrap();
+        assert_eq!((t.gpa, t.write), (0x30_5008, true));
+        assert_ne!(get(&mem2, fs_leaf(5)) & (1 << 6), 0, "dirty");
+        // A missing page: no permissions, no fault recorded.
+        let faults = u.counters().faults;
+        let t = u.translate(&ats_request(5, 0x7000_0000, true)).unwrap();
+        assert!(!t.read && !t.write);
+        assert_eq!(u.counters().faults, faults);
+        assert_eq!(u.counters().ats_denied, 1);
+        assert_eq!(u.counters().ats_translations, 3);
+        // The translated request that follows passes untranslated.
+        let translated = DmaRequest {
+            address_type: AddressType::Translated,
+            ..request(DEV_A, Some(5), 0x30_5008, true)
+        };
+        assert_eq!(u.translate(&translated).unwrap().gpa, 0x30_5008);
+        // Another function (no context): translated requests are blocked.
+        let other = DmaRequest {
+            requester_id: DEV_B,
+            ..translated
+        };
+        assert!(u.translate(&other).is_err());
+    }
+
+    const PRQ: u64 = 0x3a_0000;
+
+    /// A unit with ATS and PRI on 00:02.0, its page request queue at [`PRQ`] (128 entries)
+    /// and the page request event unmasked; returns the endpoint and the MSI sink.
+    fn prq_unit() -> (
+        RemappingUnit,
+        GuestMemoryAtomic<GuestMemoryMmap>,
+        Arc<Responses>,
+        Arc<RecordingMsiSink>,
+    ) {
+        let (mut u, mem) = scalable();
+        enable_ats_and_pri(&mem);
+        let sink = Arc::new(RecordingMsiSink::new());
+        u.msi = sink.clone();
+        let responses = Arc::new(Responses::default());
+        u.register_endpoint(FunctionBinding::new(DEV_A), responses.clone());
+        u.register_endpoint(FunctionBinding::new(DEV_B), responses.clone());
+        w64(&mut u, offset::PQH, 0);
+        w64(&mut u, offset::PQT, 0);
+        w64(&mut u, offset::PQA, PRQ);
+        w32(&mut u, offset::PEDATA, 0x61);
+        w32(&mut u, offset::PEADDR, 0xfee0_0000);
+        w32(&mut u, offset::PECTL, 0);
+        (u, mem, responses, sink)
+    }
+
+    fn page_request(rid: RequesterId, address: u64, group: u16) -> PageRequest {
+        PageRequest {
+            requester_id: rid,
+            pasid: Pasid::new(5),
+            address,
+            read: true,
+            write: true,
+            execute: false,
+            privileged: false,
+            group_index: group,
+            last_in_group: true,
+        }
+    }
+
+    #[test]
+    fn page_requests_go_to_the_queue_with_ppr_and_one_event_until_software_clears_it() {
+        use super::super::registers::prs;
+        let (mut u, mem, responses, sink) = prq_unit();
+        u.page_request(&page_request(DEV_A, 0x7000_0000, 3))
+            .unwrap();
+        u.page_request(&page_request(DEV_A, 0x7000_1000, 4))
+            .unwrap();
+        let q0: [u64; 4] = mem.memory().read_obj(GuestAddress(PRQ)).unwrap();
+        assert_eq!(q0[0] & 0xff, 1, "page request");
+        assert_eq!((q0[0] >> 16) & 0xffff, u64::from(DEV_A.0));
+        assert_eq!((q0[0] >> 32) & 0xf_ffff, 5);
+        assert_eq!(q0[1], 0x7000_0000 | (3 << 3) | 0b111);
+        let q1: [u64; 4] = mem.memory().read_obj(GuestAddress(PRQ + 32)).unwrap();
+        assert_eq!(q1[1] >> 12, 0x7_0001);
+        let mut tail = [0u8; 8];
+        u.read(offset::PQT, &mut tail);
+        assert_eq!(u64::from_le_bytes(tail), 2 << 5);
+        assert_eq!(r32(&u, offset::PRS), prs::PPR);
+        let events = sink.take();
+        assert_eq!(events.len(), 1, "one event while PPR stays set");
+        assert_eq!((events[0].address, events[0].data), (0xfee0_0000, 0x61));
+        // Software consumes both, clears PPR: the next request signals again.
+        w64(&mut u, offset::PQH, 2 << 5);
+        w32(&mut u, offset::PRS, prs::PPR);
+        u.page_request(&page_request(DEV_A, 0x7000_2000, 5))
+            .unwrap();
+        assert_eq!(sink.take().len(), 1);
+        // Masked: IP instead of the message; unmasking sends it.
+        w32(&mut u, offset::PRS, prs::PPR);
+        w32(&mut u, offset::PECTL, super::super::registers::event::IM);
+        u.page_request(&page_request(DEV_A, 0x7000_3000, 6))
+            .unwrap();
+        assert!(sink.is_empty());
+        assert_ne!(
+            r32(&u, offset::PECTL) & super::super::registers::event::IP,
+            0
+        );
+        w32(&mut u, offset::PECTL, 0);
+        assert_eq!(sink.take().len(), 1);
+        assert!(
+            responses.0.lock().unwrap().is_empty(),
+            "nothing answered yet"
+        );
+        assert_eq!(u.counters().page_requests_queued, 4);
+    }
+
+    fn response_desc(rid: RequesterId, pasid: u64, code: u64, group: u64) -> [u64; 4] {
+        [
+            9 | (1 << 4) | (code << 12) | (u64::from(rid.0) << 16) | (pasid << 32),
+            group << 3,
+            0,
+            0,
+        ]
+    }
+
+    #[test]
+    fn page_group_responses_reach_the_device_and_injections_replace_their_code() {
+        let (mut u, mem, responses, _) = prq_unit();
+        submit(&mut u, &mem, &[response_desc(DEV_A, 5, 0, 3)]);
+        submit(&mut u, &mem, &[response_desc(DEV_A, 5, 1, 4)]);
+        submit(&mut u, &mem, &[response_desc(DEV_A, 5, 2, 5)]);
+        u.inject_page_responses(PageResponseCode::ResponseFailure, 1);
+        submit(&mut u, &mem, &[response_desc(DEV_A, 5, 0, 6)]);
+        submit(&mut u, &mem, &[response_desc(DEV_A, 5, 0, 7)]);
+        let got: Vec<(u16, PageResponseCode, Option<Pasid>)> = responses
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.group_index, r.code, r.pasid))
+            .collect();
+        use PageResponseCode::*;
+        assert_eq!(
+            got,
+            [
+                (3, Success, Pasid::new(5)),
+                (4, InvalidRequest, Pasid::new(5)),
+                (5, ResponseFailure, Pasid::new(5)),
+                (6, ResponseFailure, Pasid::new(5)),
+                (7, Success, Pasid::new(5)),
+            ]
+        );
+        let c = u.counters();
+        assert_eq!(
+            (
+                c.responses_success,
+                c.responses_invalid,
+                c.responses_failure,
+                c.injected_responses
+            ),
+            (2, 1, 2, 1)
+        );
+        assert_eq!(c.descriptors[9], 5);
+    }
+
+    #[test]
+    fn lost_and_refused_page_requests_are_answered_by_the_unit() {
+        use super::super::registers::prs;
+        let (mut u, _mem, responses, sink) = prq_unit();
+        // No context with PRE for 00:02.1: Invalid Request, nothing queued.
+        u.page_request(&page_request(DEV_B, 0x7000_0000, 1))
+            .unwrap();
+        // An injected drop: PRO, the event, and Success so the device asks again.
+        u.drop_page_requests(1);
+        u.page_request(&page_request(DEV_A, 0x7000_0000, 2))
+            .unwrap();
+        assert_eq!(r32(&u, offset::PRS) & prs::PRO, prs::PRO);
+        assert_eq!(sink.take().len(), 1);
+        // While PRO is set, requests are lost too (until software clears it).
+        u.page_request(&page_request(DEV_A, 0x7000_0000, 3))
+            .unwrap();
+        w32(&mut u, offset::PRS, prs::PRO);
+        // A full queue (127 of 128 slots used) overflows as well.
+        for i in 0..127u16 {
+            u.page_request(&page_request(DEV_A, 0x7000_0000, i % 512))
+                .unwrap();
+        }
+        assert_eq!(r32(&u, offset::PRS) & prs::PRO, 0);
+        u.page_request(&page_request(DEV_A, 0x7000_0000, 9))
+            .unwrap();
+        assert_eq!(r32(&u, offset::PRS) & prs::PRO, prs::PRO);
+        let got: Vec<(u16, PageResponseCode)> = responses
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.group_index, r.code))
+            .collect();
+        use PageResponseCode::*;
+        assert_eq!(
+            got,
+            [
+                (1, InvalidRequest),
+                (2, Success),
+                (3, Success),
+                (9, Success)
+            ]
+        );
+        let c = u.counters();
+        assert_eq!(
+            (c.prq_overflows, c.page_requests_queued, c.auto_responses),
+            (3, 127, 4)
+        );
+        // Without PRS (ats off) the unit has no queue at all.
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
+        let mut plain = RemappingUnit::new(
+            VtdConfig {
+                pri: false,
+                ..VtdConfig::default()
+            },
+            mem,
+            Arc::new(RecordingMsiSink::new()),
+        );
+        assert!(plain.page_request(&page_request(DEV_A, 0, 0)).is_err());
+        w64(&mut plain, offset::PQA, PRQ);
+        let mut pqa = [0u8; 8];
+        plain.read(offset::PQA, &mut pqa);
+        assert_eq!(u64::from_le_bytes(pqa), 0, "no page request registers");
+    }
+
+    #[test]
+    fn an_injected_wait_delay_holds_the_wait_back() {
+        let (mut u, mem) = scalable();
+        u.set_wait_delay(Duration::from_millis(50));
+        let start = std::time::Instant::now();
+        submit(&mut u, &mem, &[wait_descriptor(1, false)]);
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        assert_eq!(u.counters().delayed_waits, 1);
+        u.set_wait_delay(Duration::from_secs(3600));
+        assert_eq!(u.sva_injections().wait_delay, MAX_WAIT_DELAY);
     }
 }

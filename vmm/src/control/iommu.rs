@@ -4,12 +4,18 @@
 //!   invalidation descriptors by type, queue errors, event interrupts, IOTLB / context-cache /
 //!   PASID-cache hits and misses) and the fault injections still pending;
 //! - `iommu-inject-fault` — the next `count` translations requested by `device` fail as a
-//!   real translation fault would ([`iommu::vtd::unit::RemappingUnit::inject_faults`]).
+//!   real translation fault would ([`iommu::vtd::unit::RemappingUnit::inject_faults`]);
+//! - `iommu-inject-page-response` — the next `count` page group responses the guest sends
+//!   reach the device as `code` (`failure` or `invalid`);
+//! - `iommu-drop-page-requests` — the next `count` page requests are lost as to a full queue
+//!   (PRS.PRO; the unit answers the group Success so the device asks again);
+//! - `iommu-delay-invalidation-wait` — every later invalidation wait completes `ms`
+//!   milliseconds late (0 turns it off; at most 10 000).
 
 use std::sync::PoisonError;
 
-use iommu::RequesterId;
-use iommu::vtd::unit::MAX_INJECTED_FAULTS;
+use iommu::vtd::unit::{MAX_INJECTED_FAULTS, MAX_WAIT_DELAY, RemappingUnit};
+use iommu::{PageResponseCode, RequesterId};
 use serde_json::{Value, json};
 
 use super::ControlTarget;
@@ -23,10 +29,14 @@ pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, S
     let allowed: &[&str] = match command {
         "iommu-state" => &["command"],
         "iommu-inject-fault" => &["command", "device", "count"],
+        "iommu-inject-page-response" => &["command", "code", "count"],
+        "iommu-drop-page-requests" => &["command", "count"],
+        "iommu-delay-invalidation-wait" => &["command", "ms"],
         _ => {
             return Err(format!(
                 "bad request: unknown command '{command}' (the IOMMU commands are iommu-state, \
-                 iommu-inject-fault)"
+                 iommu-inject-fault, iommu-inject-page-response, iommu-drop-page-requests, \
+                 iommu-delay-invalidation-wait)"
             ));
         }
     };
@@ -41,16 +51,90 @@ pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, S
     if command == "iommu-inject-fault" {
         let (rid, count) = parse_injection(request)?;
         let unit = iommu_unit(target)?;
-        let mut window = unit.lock().unwrap_or_else(PoisonError::into_inner);
-        let pending = window.0.inject_faults(rid, count);
+        let mut unit = unit.lock().unwrap_or_else(PoisonError::into_inner);
+        let pending = unit.inject_faults(rid, count);
         return Ok(json!({"device": rid.to_string(), "pending": pending}));
+    }
+    if command == "iommu-inject-page-response" {
+        let code = match request.get("code").map(|c| (c, c.as_str())) {
+            Some((_, Some("failure"))) => PageResponseCode::ResponseFailure,
+            Some((_, Some("invalid"))) => PageResponseCode::InvalidRequest,
+            Some((c, _)) => {
+                return Err(format!("bad code {c}: expected \"failure\" or \"invalid\""));
+            }
+            None => return Err("bad request: iommu-inject-page-response needs \"code\"".into()),
+        };
+        let count = parse_count(request)?;
+        let unit = iommu_unit(target)?;
+        let mut unit = unit.lock().unwrap_or_else(PoisonError::into_inner);
+        require_page_requests(&unit)?;
+        unit.inject_page_responses(code, count);
+        return Ok(sva_injections(&unit));
+    }
+    if command == "iommu-drop-page-requests" {
+        let count = parse_count(request)?;
+        let unit = iommu_unit(target)?;
+        let mut unit = unit.lock().unwrap_or_else(PoisonError::into_inner);
+        require_page_requests(&unit)?;
+        unit.drop_page_requests(count);
+        return Ok(sva_injections(&unit));
+    }
+    if command == "iommu-delay-invalidation-wait" {
+        let max = MAX_WAIT_DELAY.as_millis() as u64;
+        let ms = match request.get("ms") {
+            Some(v) => v
+                .as_u64()
+                .filter(|ms| *ms <= max)
+                .ok_or_else(|| format!("bad ms {v}: expected 0..={max}"))?,
+            None => return Err("bad request: iommu-delay-invalidation-wait needs \"ms\"".into()),
+        };
+        let unit = iommu_unit(target)?;
+        let mut unit = unit.lock().unwrap_or_else(PoisonError::into_inner);
+        unit.set_wait_delay(std::time::Duration::from_millis(ms));
+        return Ok(sva_injections(&unit));
     }
     state(target)
 }
 
+/// `count` (1..=65535, default 1).
+fn parse_count(request: &Value) -> Result<u32, String> {
+    match request.get("count") {
+        None => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u64::from(MAX_INJECTED_FAULTS)).contains(&n) => Ok(n as u32),
+            _ => Err(format!("bad count {v}: expected 1..={MAX_INJECTED_FAULTS}")),
+        },
+    }
+}
+
+fn require_page_requests(unit: &RemappingUnit) -> Result<(), String> {
+    if unit.registers().page_requests_supported() {
+        Ok(())
+    } else {
+        Err("the IOMMU takes no page requests (needs --iommu vtd with scalable=on,pri=on)".into())
+    }
+}
+
+/// The page-request and invalidation-wait injections still pending.
+fn sva_injections(unit: &RemappingUnit) -> Value {
+    let i = unit.sva_injections();
+    json!({
+        "forced_page_responses": i.forced_responses.map(|(code, count)| json!({
+            "code": match code {
+                PageResponseCode::Success => "success",
+                PageResponseCode::InvalidRequest => "invalid",
+                PageResponseCode::ResponseFailure => "failure",
+            },
+            "count": count,
+        })),
+        "dropped_page_requests": i.dropped_page_requests,
+        "invalidation_wait_delay_ms": i.wait_delay.as_millis() as u64,
+    })
+}
+
 fn iommu_unit(
     target: &ControlTarget,
-) -> Result<&std::sync::Arc<std::sync::Mutex<crate::vtd::DrhdWindow>>, String> {
+) -> Result<&std::sync::Arc<std::sync::Mutex<RemappingUnit>>, String> {
     target
         .iommu
         .as_ref()
@@ -101,8 +185,7 @@ pub fn parse_bdf(text: &str) -> Option<RequesterId> {
 
 fn state(target: &ControlTarget) -> Result<Value, String> {
     let unit = iommu_unit(target)?;
-    let window = unit.lock().unwrap_or_else(PoisonError::into_inner);
-    let unit = &window.0;
+    let unit = unit.lock().unwrap_or_else(PoisonError::into_inner);
     let regs = unit.registers();
     let config = regs.config();
     let (cap, ecap) = config.capabilities();
@@ -137,11 +220,42 @@ fn state(target: &ControlTarget) -> Result<Value, String> {
         .iter()
         .map(|(rid, count)| json!({"device": rid.to_string(), "count": count}))
         .collect();
+    let page_request_queue = {
+        let (base, entries, head, tail) = regs.page_request_queue();
+        let prs = regs.page_request_status();
+        json!({
+            "base": format!("{base:#x}"),
+            "entries": entries,
+            "head": head,
+            "tail": tail,
+            "pending": prs & 1 != 0,
+            "overflow": prs & 2 != 0,
+        })
+    };
+    let sva_counters = json!({
+        "ats_translations": counters.ats_translations,
+        "ats_denied": counters.ats_denied,
+        "device_tlb_invalidations": d[3] + d[8],
+        "page_requests": counters.page_requests,
+        "page_requests_queued": counters.page_requests_queued,
+        "prq_overflows": counters.prq_overflows,
+        "auto_responses": counters.auto_responses,
+        "page_responses": {
+            "success": counters.responses_success,
+            "invalid": counters.responses_invalid,
+            "failure": counters.responses_failure,
+            "injected": counters.injected_responses,
+        },
+        "delayed_invalidation_waits": counters.delayed_waits,
+    });
     Ok(json!({
         "model": "vt-d",
         "scalable_mode_supported": config.scalable,
         "caching_mode": config.caching_mode,
         "address_width": config.address_width,
+        "pasid_bits": if config.scalable { config.pasid_bits } else { 0 },
+        "ats": config.ats,
+        "pri": config.pri,
         "cap": format!("{cap:#x}"),
         "ecap": format!("{ecap:#x}"),
         "translation_enabled": regs.translation_enabled(),
@@ -162,6 +276,8 @@ fn state(target: &ControlTarget) -> Result<Value, String> {
         "devices": devices,
         "devices_truncated": truncated,
         "pending_fault_injections": injections,
+        "sva_injections": sva_injections(&unit),
+        "page_request_queue": page_request_queue,
         "caches": {
             "iotlb_entries": occupancy.iotlb,
             "context_entries": occupancy.context,
@@ -182,6 +298,7 @@ fn state(target: &ControlTarget) -> Result<Value, String> {
                 "hits": counters.pasid_cache_hits,
                 "misses": counters.pasid_cache_misses,
             },
+            "sva": sva_counters,
             "invalidations": {
                 "context_cache": d[1],
                 "iotlb": d[2],
@@ -190,6 +307,7 @@ fn state(target: &ControlTarget) -> Result<Value, String> {
                 "pasid_iotlb": d[6],
                 "pasid_cache": d[7],
                 "pasid_device_tlb": d[8],
+                "page_group_response": d[9],
             },
         },
     }))

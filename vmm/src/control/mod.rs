@@ -17,6 +17,9 @@
 //! | `cxl-inject-memory-module-event` | `device`, optional `log`, `flags`, `type`, `health_status`, `media_status`, `additional_status`, `life_used`, `temperature`, `dirty_shutdown_count`, `corrected_volatile_errors`, `corrected_persistent_errors` |
 //! | `iommu-state` | — (with `--iommu vtd`) |
 //! | `iommu-inject-fault` | `device` (PCI address `BB:DD.F`), optional `count` (1..=65535, default 1) |
+//! | `iommu-inject-page-response` | `code` (`failure` or `invalid`), optional `count` (1..=65535, default 1) |
+//! | `iommu-drop-page-requests` | optional `count` (1..=65535, default 1) |
+//! | `iommu-delay-invalidation-wait` | `ms` (0..=10000; 0 turns the delay off) |
 //!
 //! `device` is the `id=` of a `--cxl-type3` device (default `cxl0`, `cxl1`, ...; `memN` also
 //! names the N-th device, as the guest numbers them); `log` is one
@@ -87,7 +90,7 @@ pub struct ControlTarget {
     /// The CXL Type 3 devices (`cxl-*` commands).
     pub devices: Vec<ControlDevice>,
     /// The VT-d remapping unit (`iommu-*` commands), with `--iommu vtd`.
-    pub iommu: Option<Arc<Mutex<crate::vtd::DrhdWindow>>>,
+    pub iommu: Option<Arc<Mutex<::iommu::vtd::unit::RemappingUnit>>>,
     /// The I/OAT DMA engines (`ioat-*` commands), with `--ioat`.
     pub ioat: Vec<crate::ioat::IoatHandle>,
 }
@@ -103,6 +106,9 @@ const COMMANDS: &[&str] = &[
     "cxl-inject-memory-module-event",
     "iommu-state",
     "iommu-inject-fault",
+    "iommu-inject-page-response",
+    "iommu-drop-page-requests",
+    "iommu-delay-invalidation-wait",
     "ioat-state",
 ];
 
@@ -863,7 +869,7 @@ mod tests {
         unit.write(offset::IQA, &(0x8000u64 | iqa::DW).to_le_bytes());
         unit.write(offset::GCMD, &(global::QIE | global::TE).to_le_bytes());
         let mut t = target();
-        t.iommu = Some(Arc::new(Mutex::new(crate::vtd::DrhdWindow(unit))));
+        t.iommu = Some(Arc::new(Mutex::new(unit)));
         let r = ask(&t, r#"{"command":"iommu-state"}"#);
         assert_eq!(r["ok"], true, "{r}");
         let s = &r["result"];
@@ -941,5 +947,57 @@ mod tests {
                 .unwrap()
                 .contains("unknown field `verbose`")
         );
+        // SVA injections: pending ones show in the answer and in iommu-state.
+        let r = ask(
+            &t,
+            r#"{"command":"iommu-inject-page-response","code":"failure","count":2}"#,
+        );
+        assert_eq!(
+            r["result"]["forced_page_responses"],
+            json!({"code": "failure", "count": 2}),
+            "{r}"
+        );
+        let r = ask(&t, r#"{"command":"iommu-drop-page-requests","count":3}"#);
+        assert_eq!(r["result"]["dropped_page_requests"], 3, "{r}");
+        let r = ask(
+            &t,
+            r#"{"command":"iommu-delay-invalidation-wait","ms":250}"#,
+        );
+        assert_eq!(r["result"]["invalidation_wait_delay_ms"], 250, "{r}");
+        let s = ask(&t, r#"{"command":"iommu-state"}"#);
+        let s = &s["result"];
+        assert_eq!(s["sva_injections"]["dropped_page_requests"], 3, "{s}");
+        assert_eq!(
+            (s["pasid_bits"].clone(), s["ats"].clone()),
+            (json!(20), json!(true))
+        );
+        assert_eq!(s["counters"]["sva"]["page_requests"], 0, "{s}");
+        assert_eq!(s["page_request_queue"]["overflow"], false, "{s}");
+        for (req, needle) in [
+            (
+                r#"{"command":"iommu-inject-page-response"}"#,
+                "needs \"code\"",
+            ),
+            (
+                r#"{"command":"iommu-inject-page-response","code":"success"}"#,
+                "bad code \"success\"",
+            ),
+            (
+                r#"{"command":"iommu-drop-page-requests","count":0}"#,
+                "bad count 0",
+            ),
+            (
+                r#"{"command":"iommu-delay-invalidation-wait","ms":10001}"#,
+                "bad ms 10001",
+            ),
+            (
+                r#"{"command":"iommu-delay-invalidation-wait"}"#,
+                "needs \"ms\"",
+            ),
+        ] {
+            let r = ask(&t, req);
+            let e = r["error"].as_str().unwrap_or_default();
+            assert!(e.contains(needle) && !e.contains('\n'), "{req}: {r}");
+        }
     }
 }
