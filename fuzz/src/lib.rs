@@ -153,3 +153,15 @@ pub fn replay_main(name: &str, run: fn(&[u8], bool), args: impl Iterator<Item = 
     }
     eprintln!("{name}: {n} input(s) ran without a finding");
 }
+
+/// A xorshift64 generator for the stable smoke runs (`tests/*_smoke.rs`): the same inputs on
+/// every run, no dependency. `seed` must not be 0.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

@@ -2,13 +2,7 @@
 //! code libFuzzer drives), so a panic on guest input fails `cargo test` here.
 
 fn inputs(seed: u64, count: usize) -> impl Iterator<Item = Vec<u8>> {
-    let mut state = seed;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = vmm_fuzz::xorshift(seed);
     (0..count).map(move |_| {
         let len = (next() % 512) as usize;
         (0..len).map(|_| next() as u8).collect()

@@ -10,13 +10,7 @@ fn op(data: &mut Vec<u8>, kind: u8, width: usize, offset: u16, value: u64, extra
 
 #[test]
 fn ioat_survives_random_accesses() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = vmm_fuzz::xorshift(0x9e37_79b9_7f4a_7c15u64);
     for _ in 0..2000 {
         let len = (next() % 1024) as usize;
         let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();

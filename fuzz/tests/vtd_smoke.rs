@@ -3,13 +3,7 @@
 
 #[test]
 fn vtd_registers_survive_random_accesses() {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = vmm_fuzz::xorshift(0x2545_f491_4f6c_dd1du64);
     for _ in 0..2000 {
         let len = (next() % 1024) as usize;
         let mut data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
@@ -52,13 +46,7 @@ fn vtd_registers_linux_bring_up() {
 
 #[test]
 fn vtd_queue_survives_random_descriptor_streams() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = vmm_fuzz::xorshift(0x9e37_79b9_7f4a_7c15u64);
     for _ in 0..500 {
         let len = (next() % 4096) as usize;
         let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
@@ -68,13 +56,7 @@ fn vtd_queue_survives_random_descriptor_streams() {
 
 #[test]
 fn vtd_page_requests_survive_random_streams() {
-    let mut state = 0x1234_5678_9abc_def1u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = vmm_fuzz::xorshift(0x1234_5678_9abc_def1u64);
     for _ in 0..2000 {
         let len = (next() % 2048) as usize;
         let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
