@@ -396,52 +396,72 @@ pub fn first_stage_walk_detailed<M: GuestMemoryBackend>(
         let atomic = slice
             .get_atomic_ref::<AtomicU64>(0)
             .map_err(|_| reason::FIRST_STAGE_ACCESS)?;
-        let entry = atomic.load(Ordering::Acquire);
-        if entry & 1 == 0 {
-            return Err(reason::FIRST_STAGE_NOT_PRESENT);
-        }
-        let leaf = level == 1 || (entry & (1 << 7) != 0 && level <= 3);
-        let frame = entry & 0x000f_ffff_ffff_f000;
-        if frame >> address_width != 0 || (level == 4 && entry & (1 << 7) != 0) {
-            return Err(reason::FIRST_STAGE_RESERVED);
-        }
-        writable &= entry & 2 != 0;
-        user_ok &= entry & 4 != 0;
-        executable &= entry & (1 << 63) == 0;
-        let mut set = 1 << 5; // Accessed
-        if leaf && request.walk.write {
-            set |= 1 << 6; // Dirty
-        }
-        if leaf {
-            let page_size = 1u64 << shift;
-            if frame & (page_size - 1) != 0 {
+        // Validate the entry, then set Accessed (and Dirty on a write to the leaf) with a
+        // compare-exchange on exactly the value validated: the CPU shares these tables, and if
+        // it changed the entry in between (cleared Present, remapped the frame, cleared A/D)
+        // the walk looks at the new value again instead of marking an entry it never checked.
+        // No bit the CPU set is ever lost: the update is one atomic operation.
+        let mut entry = atomic.load(Ordering::Acquire);
+        let (frame, leaf, after, level_rights) = loop {
+            if entry & 1 == 0 {
+                return Err(reason::FIRST_STAGE_NOT_PRESENT);
+            }
+            let leaf = level == 1 || (entry & (1 << 7) != 0 && level <= 3);
+            let frame = entry & 0x000f_ffff_ffff_f000;
+            if frame >> address_width != 0 || (level == 4 && entry & (1 << 7) != 0) {
                 return Err(reason::FIRST_STAGE_RESERVED);
             }
-            if user && !user_ok {
-                return Err(reason::USER_TO_SUPERVISOR);
+            let w = writable && entry & 2 != 0;
+            let u = user_ok && entry & 4 != 0;
+            let x = executable && entry & (1 << 63) == 0;
+            let mut set = 1 << 5; // Accessed
+            if leaf && request.walk.write {
+                set |= 1 << 6; // Dirty
             }
-            if request.execute && !executable {
-                return Err(reason::NO_EXECUTE);
+            if leaf {
+                let page_size = 1u64 << shift;
+                if frame & (page_size - 1) != 0 {
+                    return Err(reason::FIRST_STAGE_RESERVED);
+                }
+                if user && !u {
+                    return Err(reason::USER_TO_SUPERVISOR);
+                }
+                if request.execute && !x {
+                    return Err(reason::NO_EXECUTE);
+                }
+                let may_write = w || (request.privileged && !write_protect);
+                if request.walk.write && !may_write {
+                    return Err(reason::NO_WRITE);
+                }
             }
-            let may_write = writable || (request.privileged && !write_protect);
-            if request.walk.write && !may_write {
-                return Err(reason::NO_WRITE);
+            if entry & set == set {
+                break (frame, leaf, entry, (w, u, x));
             }
-            let before = atomic.fetch_or(set, Ordering::AcqRel);
+            match atomic.compare_exchange_weak(
+                entry,
+                entry | set,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break (frame, leaf, entry | set, (w, u, x)),
+                Err(now) => entry = now,
+            }
+        };
+        (writable, user_ok, executable) = level_rights;
+        if leaf {
             return Ok(FirstStageLeaf {
                 leaf: Leaf {
                     page: frame,
-                    page_size,
+                    page_size: 1u64 << shift,
                     read: true,
-                    write: may_write,
+                    write: writable || (request.privileged && !write_protect),
                 },
                 writable,
                 user: user_ok,
                 executable,
-                dirty: (before | set) & (1 << 6) != 0,
+                dirty: after & (1 << 6) != 0,
             });
         }
-        atomic.fetch_or(set, Ordering::AcqRel);
         table = frame;
     }
     Err(reason::FIRST_STAGE_NOT_PRESENT) // unreachable: level 1 is a leaf
@@ -595,6 +615,51 @@ mod tests {
             go(&m, sid, request(IOVA, false, Some(5))).unwrap().page,
             0x30_0000
         );
+    }
+
+    /// The CPU and the device update the same leaf at once (issue 9 acceptance 7): the CPU sets
+    /// software-available bits and clears Accessed and Dirty (as reclaim and writeback do) while
+    /// the device writes through the page. Every device write sees the page Dirty (it set D on
+    /// the entry it validated), no bit the CPU set is lost, and the entry's frame and rights
+    /// are untouched.
+    #[test]
+    fn accessed_and_dirty_updates_race_the_cpu_without_losing_bits() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let m = memory();
+        let _ = setup(&m);
+        let pte = PT + index(IOVA, 1) * 8;
+        let cpu_memory = m.clone();
+        let cpu = std::thread::spawn(move || {
+            let slice = cpu_memory.get_slice(GuestAddress(pte), 8).unwrap();
+            let entry = slice.get_atomic_ref::<AtomicU64>(0).unwrap();
+            for i in 0..20_000u64 {
+                entry.fetch_or(1 << (52 + i % 7), Ordering::AcqRel);
+                entry.fetch_and(!((1 << 5) | (1 << 6)), Ordering::AcqRel);
+            }
+        });
+        for _ in 0..20_000 {
+            let walk = first_stage_walk_detailed(
+                &m,
+                PML4,
+                &request(IOVA + 8, true, None),
+                false,
+                false,
+                48,
+            )
+            .unwrap();
+            assert_eq!(walk.leaf.page, 0x30_0000);
+            assert!(walk.dirty && walk.leaf.write);
+        }
+        cpu.join().unwrap();
+        first_stage_walk_detailed(&m, PML4, &request(IOVA, true, None), false, false, 48).unwrap();
+        let now = get(&m, pte);
+        assert_eq!(now >> 52 & 0x7f, 0x7f, "every CPU-set bit kept: {now:#x}");
+        assert_eq!(
+            now & 0x000f_ffff_ffff_f007,
+            0x30_0007,
+            "frame, U/S, R/W, P: {now:#x}"
+        );
+        assert_ne!(now & (1 << 6), 0, "Dirty after the device's last write");
     }
 
     #[test]
