@@ -39,8 +39,13 @@ fn uname_prints_the_pinned_kernel_release() {
     assert_eq!(run.stdout.trim(), image.kernel_release);
 }
 
+/// The 6.12 profile boots its own kernel with its modules loaded. It also carries `sva-test`
+/// (issue 9, acceptance 8): 6.12 has no `uio_pci_generic_sva`, so the tool says so in one line
+/// and exits 2 instead of waiting for an engine.
 #[test]
 fn six_twelve_profile_boots_its_own_kernel() {
+    let script =
+        format!("{RELEASE_AND_MISSING_MODULES}\n sva-test 2>&1; echo \"sva-test-exit $?\"");
     let run = guest([
         "run",
         TIMEOUT,
@@ -49,7 +54,7 @@ fn six_twelve_profile_boots_its_own_kernel() {
         "--",
         "sh",
         "-c",
-        RELEASE_AND_MISSING_MODULES,
+        &script,
     ]);
     run.expect_status(0);
     let mut lines = run.stdout.lines();
@@ -58,7 +63,27 @@ fn six_twelve_profile_boots_its_own_kernel() {
         "{}",
         run.stdout
     );
-    assert_eq!(lines.next(), None, "modules missing: {}", run.stdout);
+    let rest: Vec<&str> = lines.collect();
+    assert!(
+        !rest.iter().any(|l| l.starts_with("module-missing")),
+        "modules missing: {}",
+        run.stdout
+    );
+    // Exactly one line from sva-test, naming the kernel and the missing driver.
+    let said: Vec<&&str> = rest.iter().filter(|l| l.starts_with("sva-test:")).collect();
+    assert_eq!(said.len(), 1, "{}", run.stdout);
+    assert!(
+        said[0].contains("this kernel (6.12.")
+            && said[0].contains("lacks the uio_pci_generic_sva driver"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        rest.last().copied(),
+        Some("sva-test-exit 2"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -348,4 +373,97 @@ fn vfio_selftests_drive_a_function_through_vfio_type1() {
     assert!(run.stdout.contains("vfio-selftests: all passed"), "{out}");
     assert!(run.stdout.contains("vfio-selftests-exit 0"), "{out}");
     assert!(run.stdout.contains("driver-after cxl_pci"), "{out}");
+}
+
+/// The SVA guest side without an engine (one boot of the 7.2 profile): `uio_pci_generic_sva`
+/// (built from linux-source) loads on request with `uio`, not at boot, and registers the
+/// `uio_pci_sva` PCI driver; `sva-test --help` documents its options; `sva-test` with no
+/// `--dma-engine` fails in one line naming what is missing, and a bad option in one line;
+/// `sva-test --simulate` (the tool's own engine stand-in) copies, fills and compares, and runs
+/// several processes with distinct PASIDs, on the guest's kernel.
+#[test]
+fn sva_driver_loads_and_sva_test_needs_an_engine() {
+    let script = r#"
+        echo "at-boot $(grep -c '^uio' /proc/modules)"
+        modprobe uio_pci_generic_sva && echo modprobe-ok
+        grep -o '^uio ' /proc/modules
+        grep -o '^uio_pci_generic_sva ' /proc/modules
+        [ -d /sys/bus/pci/drivers/uio_pci_sva ] && echo driver-registered
+        grep uio_pci_generic_sva "/lib/modules/$(uname -r)/modules.dep"
+        sva-test --help >/tmp/help; echo "help-exit $?"
+        for o in --device --op --size --mode --path --touch --rounds --fsync --expect \
+            --munmap-race --remap --procs --no-page-request --timeout --simulate -v; do
+            grep -q -e "$o" /tmp/help || echo "help-missing $o"
+        done
+        sva-test 2>&1; echo "no-engine-exit $?"
+        sva-test --size 12X 2>&1; echo "bad-size-exit $?"
+        sva-test --simulate --size 16M 2>&1; echo "simulate-exit $?"
+        sva-test --simulate --op fill --size 16M 2>&1; echo "fill-exit $?"
+        sva-test --simulate --op compare --size 1M 2>&1; echo "compare-exit $?"
+        sva-test --simulate --procs 4 --size 256K 2>&1 | tail -n 1; echo "procs-exit $?"
+    "#;
+    let run = guest(["run", TIMEOUT, "--", "sh", "-c", script]);
+    run.expect_status(0);
+    let out = format!("{}{}", run.stdout, run.stderr);
+    let has = |l: &str| run.stdout.lines().any(|x| x.trim() == l);
+    let line = |prefix: &str| {
+        run.stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"))
+    };
+    assert!(has("at-boot 0"), "uio must not load at boot:\n{out}");
+    assert!(has("modprobe-ok"), "{out}");
+    assert!(has("uio"), "modprobe did not load uio:\n{out}");
+    assert!(has("uio_pci_generic_sva"), "{out}");
+    assert!(has("driver-registered"), "{out}");
+    assert_eq!(
+        line("updates/uio_pci_generic_sva.ko:"),
+        "updates/uio_pci_generic_sva.ko: kernel/drivers/uio/uio.ko"
+    );
+    assert!(has("help-exit 0"), "{out}");
+    assert!(!run.stdout.contains("help-missing"), "{out}");
+
+    // No engine: one line naming it, exit 2.
+    let said: Vec<&str> = run
+        .stdout
+        .lines()
+        .take_while(|l| !l.starts_with("no-engine-exit"))
+        .filter(|l| l.starts_with("sva-test:"))
+        .collect();
+    assert_eq!(
+        said,
+        ["sva-test: no SVA DMA engine: no PCI function 1234:5356 (start the VM with --dma-engine)"],
+        "{out}"
+    );
+    assert!(has("no-engine-exit 2"), "{out}");
+    assert!(
+        line("sva-test: --size 12X:").ends_with("(see sva-test --help)"),
+        "{out}"
+    );
+    assert!(has("bad-size-exit 2"), "{out}");
+
+    assert!(
+        has(
+            "sva-test: copy anon 16777216 bytes pasid=1 status=SUCCESS page_requests=0 \
+             ats_translations=0 atc_invalidations=0 (simulated engine) ok"
+        ),
+        "{out}"
+    );
+    assert!(has("simulate-exit 0"), "{out}");
+    assert!(
+        line("sva-test: fill anon 16777216 bytes").ends_with(" ok"),
+        "{out}"
+    );
+    assert!(has("fill-exit 0"), "{out}");
+    assert!(
+        line("sva-test: compare anon 1048576 bytes").ends_with(" ok"),
+        "{out}"
+    );
+    assert!(has("compare-exit 0"), "{out}");
+    assert!(
+        line("sva-test: procs=4 copy anon 262144 bytes each pasids=5 distinct").ends_with(" ok"),
+        "{out}"
+    );
+    assert!(has("procs-exit 0"), "{out}");
 }

@@ -139,3 +139,68 @@ fn an_interrupted_build_leaves_nothing_half_written() {
     assert_eq!(names(&resumed), names(&reference));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// What the SVA work adds to the guest images (issue 9): `uio_pci_generic_sva.ko` built into
+/// guest-7.2 with its `uio` dependency in `modules.dep`, and `sva-test`, a static program, in
+/// both guest profiles — the same bytes, as both compile it with the 7.2 build root. Uses the
+/// default cache (built by `vmm images build` first; warm, it does not touch the network).
+#[test]
+fn sva_driver_and_sva_test_are_in_the_guest_images() {
+    let store = guest_images::ImageStore::from_env().expect("image cache");
+    let files = |profile: &str| {
+        let image = store.guest(profile).expect("building the guest image");
+        let bytes = std::fs::read(&image.initramfs).unwrap();
+        let records = guest_images::cpio::parse(&bytes).unwrap();
+        (image.kernel_release, records)
+    };
+    let find = |records: &[guest_images::cpio::Record], name: &str| {
+        records
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{name} is not in the initramfs"))
+            .data
+            .clone()
+    };
+    let (release, new) = files("7.2");
+    let (_, old) = files("6.12");
+    let ko = find(
+        &new,
+        &format!("usr/lib/modules/{release}/updates/uio_pci_generic_sva.ko"),
+    );
+    assert!(ko.starts_with(b"\x7fELF"));
+    find(
+        &new,
+        &format!("usr/lib/modules/{release}/kernel/drivers/uio/uio.ko"),
+    );
+    let dep = String::from_utf8(find(
+        &new,
+        &format!("usr/lib/modules/{release}/modules.dep"),
+    ))
+    .unwrap();
+    assert!(
+        dep.lines()
+            .any(|l| l == "updates/uio_pci_generic_sva.ko: kernel/drivers/uio/uio.ko"),
+        "{dep}"
+    );
+    // Carried, not loaded at boot.
+    let boot = String::from_utf8(find(&new, "etc/vmm/modules")).unwrap();
+    assert!(!boot.lines().any(|l| l.starts_with("uio")), "{boot}");
+
+    let tool = find(&new, "usr/bin/sva-test");
+    assert_eq!(tool, find(&old, "usr/bin/sva-test"), "sva-test differs");
+    assert!(tool.starts_with(b"\x7fELF"));
+    // Static: no PT_INTERP program header.
+    let phoff = u64::from_le_bytes(tool[0x20..0x28].try_into().unwrap()) as usize;
+    let phentsize = u16::from_le_bytes(tool[0x36..0x38].try_into().unwrap()) as usize;
+    let phnum = u16::from_le_bytes(tool[0x38..0x3a].try_into().unwrap()) as usize;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let ptype = u32::from_le_bytes(tool[ph..ph + 4].try_into().unwrap());
+        assert_ne!(ptype, 3, "sva-test has a program interpreter: not static");
+    }
+    // The 6.12 image needs no kernel source for it: no 7.2 module there.
+    assert!(
+        !old.iter()
+            .any(|r| r.name.ends_with("uio_pci_generic_sva.ko"))
+    );
+}

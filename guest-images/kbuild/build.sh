@@ -1,13 +1,15 @@
 #!/bin/sh
 # Compiles the out-of-tree kernel modules and kernel selftests of a guest image with the compiler
-# that built its kernel. Run by guest-images/src/kbuild.rs, which unpacks the pinned build root
+# that built its kernel, and our own programs (guest-images/programs/*.c) with that compiler. Run by guest-images/src/kbuild.rs, which unpacks the pinned build root
 # (sid's gcc, binutils, pahole, kernel headers and kbuild; every ELF program wrapped to run on
 # the build root's own ld.so and libraries) and the needed members of linux-source.
 #
 # Environment: ROOT (build root), SRC (kernel source tree, partial), WORK (scratch directory),
-# OUT (results: <module>.ko, <selftest>), SUPPORT (selftest-compat.{c,h}), KREL (kernel
-# release), MODULES (source files relative to SRC), SELFTESTS (<suite>/<test> under
-# tools/testing/selftests), JOBS.
+# OUT (results: <module>.ko, <selftest>, <program>), SUPPORT (selftest-compat.{c,h}), KREL
+# (kernel release), MODULES (source files relative to SRC), SELFTESTS (<suite>/<test> under
+# tools/testing/selftests), PROGRAMS (names of PROGRAM_DIR/<name>.c), JOBS. SRC is empty when
+# only PROGRAMS are built, and KREL may then be another kernel's (a 6.12 image compiling its
+# programs with the 7.2 build root).
 #
 # Reproducibility: nothing here depends on the directory names (-ffile-prefix-map maps ROOT,
 # SRC and WORK away; modules are stripped of debug info), the date or the locale.
@@ -19,7 +21,19 @@ unset CFLAGS CPPFLAGS LDFLAGS MAKEFLAGS MFLAGS GCC_EXEC_PREFIX COMPILER_PATH LIB
     C_INCLUDE_PATH LD_LIBRARY_PATH || true
 
 HDR="$ROOT/usr/src/linux-headers-$KREL"
-[ -f "$HDR/.config" ] || { echo "no $HDR/.config: pin linux-headers-$KREL in the build root" >&2; exit 1; }
+if [ ! -f "$HDR/.config" ]; then
+    if [ -n "$MODULES" ]; then
+        echo "no $HDR/.config: pin linux-headers-$KREL in the build root" >&2
+        exit 1
+    fi
+    # Programs only: the compiler of the build root's kernel (there must be exactly one).
+    set -- "$ROOT"/usr/src/linux-headers-*/.config
+    if [ $# -ne 1 ] || [ ! -f "$1" ]; then
+        echo "the build root must hold exactly one kernel's linux-headers (found: $*)" >&2
+        exit 1
+    fi
+    HDR=${1%/.config}
+fi
 
 # The compiler named and versioned by the kernel's configuration, e.g.
 # CONFIG_CC_VERSION_TEXT="x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0".
@@ -33,7 +47,7 @@ fi
 CROSS=${CC%gcc*}
 
 # The headers' Makefile includes the common headers by their installed path.
-sed -i "s| /usr/src/| $ROOT/usr/src/|g; s|=/usr/src/|=$ROOT/usr/src/|g" "$HDR/Makefile"
+[ -z "$MODULES" ] || sed -i "s| /usr/src/| $ROOT/usr/src/|g; s|=/usr/src/|=$ROOT/usr/src/|g" "$HDR/Makefile"
 
 MAP="-ffile-prefix-map=$ROOT= -ffile-prefix-map=$SRC=linux-source -ffile-prefix-map=$WORK=build"
 mkdir -p "$OUT"
@@ -84,4 +98,15 @@ for t in $SELFTESTS; do
     "$CC" --sysroot="$ROOT" $CFLAGS $extra -c "$sdir/$test.c" -o "$obj/$test.o"
     # shellcheck disable=SC2086 # $libs is a list of objects and a flag
     "$CC" --sysroot="$ROOT" -static -pthread -o "$OUT/$test" "$obj/$test.o" $libs
+done
+
+# Our own programs: one C file each, static (the guests' glibc is older than the build root's),
+# warnings are errors. -ffile-prefix-map keeps the scratch paths out of the binary (assert()
+# messages name the file); the linker's build ID hashes the contents, so equal inputs give
+# equal bytes.
+for p in $PROGRAMS; do
+    echo "building $p" >&2
+    "$CC" --sysroot="$ROOT" -O2 -Wall -Wextra -Werror $MAP -ffile-prefix-map="$PROGRAM_DIR"=programs \
+        -static -pthread -o "$OUT/$p" "$PROGRAM_DIR/$p.c"
+    "${CROSS}strip" --strip-debug "$OUT/$p"
 done

@@ -16,8 +16,8 @@ use crate::kbuild;
 use crate::kernel::{self, ModuleIndex, ModuleSet};
 use crate::lock::{ImageSpec, Lock, Pin, parse_images_conf};
 use crate::{
-    CACHE_DIR_ENV, EMBEDDED_CONF, EMBEDDED_LOCK, Error, GUEST_PROGRAMS, INIT_SCRIPTS, progress,
-    run_capture,
+    BUILD_PROGRAMS, CACHE_DIR_ENV, EMBEDDED_CONF, EMBEDDED_LOCK, Error, GUEST_PROGRAMS,
+    INIT_SCRIPTS, progress, run_capture,
 };
 
 /// Bump when the pipeline changes its output for the same inputs; part of every input hash.
@@ -137,6 +137,8 @@ struct Recipe {
     build_pins: Vec<Pin>,
     /// `(name, script)` of the image's `program =` lines.
     programs: Vec<(String, String)>,
+    /// `(name, C source)` of the image's `build-program =` lines.
+    build_programs: Vec<(String, String)>,
     suites: Vec<String>,
     vmlinux: bool,
 }
@@ -173,6 +175,10 @@ impl Recipe {
             }
             for t in &self.spec.build_selftests {
                 h.update(format!("build-selftest {t}\n"));
+            }
+            for (name, text) in &self.build_programs {
+                h.update(format!("build-program {name} {}\n", text.len()));
+                h.update(text.as_bytes());
             }
             let support = std::iter::once(("build.sh", kbuild::BUILD_SCRIPT))
                 .chain(kbuild::SUPPORT_FILES.iter().copied());
@@ -492,10 +498,30 @@ impl ImageStore {
                 for p in &build_pins {
                     p.resolved()?;
                 }
+                // Our own programs need only the compiler and libc: no kernel source download.
                 build_pins
+                    .into_iter()
+                    .filter(|p| spec.needs_source() || !kbuild::is_source_package(p))
+                    .collect()
             }
             _ => Vec::new(),
         };
+        let build_programs = spec
+            .build_programs
+            .iter()
+            .map(|name| {
+                BUILD_PROGRAMS
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(n, text)| (n.to_string(), text.to_string()))
+                    .ok_or_else(|| {
+                        Error::Conf(format!(
+                            "image {image}: build-program `{name}` is not one of \
+                             guest-images/programs/ (BUILD_PROGRAMS)"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let programs = spec
             .programs
             .iter()
@@ -519,6 +545,7 @@ impl ImageStore {
             pins,
             build_pins,
             programs,
+            build_programs,
             suites: lock.suites(),
         })
     }
@@ -669,21 +696,23 @@ impl ImageStore {
             let debs = self.ensure_debs(&r.build_pins, &r.suites)?;
             let debs: Vec<(Pin, PathBuf)> = r.build_pins.iter().cloned().zip(debs).collect();
             progress(&format!(
-                "{name}: compiling {} from the kernel source",
+                "{name}: compiling {} with build root {}",
                 r.spec
                     .build_modules
                     .iter()
                     .chain(&r.spec.build_selftests)
+                    .chain(&r.spec.build_programs)
                     .map(|s| s.rsplit('/').next().unwrap_or(s))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                r.spec.build_root.as_deref().unwrap_or("?")
             ));
             let started = std::time::Instant::now();
             let work = TempDir(out.join("kbuild"));
-            let built = kbuild::build(&r.spec, &layout.release, &debs, &work.0)?;
+            let built = kbuild::build(&r.spec, &layout.release, &debs, &r.build_programs, &work.0)?;
             drop(work);
             progress(&format!(
-                "{name}: {} modules and {} selftests built from the kernel source in {:.1}s",
+                "{name}: {} modules and {} programs built in {:.1}s",
                 built.modules.len(),
                 built.programs.len(),
                 started.elapsed().as_secs_f64()

@@ -1,5 +1,6 @@
 //! Out-of-tree builds for a guest image: kernel modules and kernel selftests compiled from
-//! Debian's `linux-source-<version>` with the compiler that built the image's kernel.
+//! Debian's `linux-source-<version>` with the compiler that built the image's kernel, and our
+//! own C programs (`programs/<name>.c`, `build-program =`) compiled static with that compiler.
 //!
 //! The build root is the set of `images.lock` pins naming it in their images column (e.g.
 //! `kbuild-7.2`: sid's gcc, binutils, pahole, libc6(-dev), the kernel's headers and kbuild, and
@@ -198,7 +199,8 @@ fn write_entries(dir: &Path, entries: &[Entry], wrap: Option<&Path>) -> Result<(
 pub(crate) struct Outputs {
     /// `(module name, stripped .ko)`, in `build-module` order.
     pub modules: Vec<(String, Vec<u8>)>,
-    /// `(program name, static executable)`, in `build-selftest` order.
+    /// `(program name, static executable)`: the selftests in `build-selftest` order, then our
+    /// programs in `build-program` order.
     pub programs: Vec<(String, Vec<u8>)>,
 }
 
@@ -207,12 +209,15 @@ pub(crate) fn is_source_package(p: &Pin) -> bool {
     p.name.starts_with("linux-source-")
 }
 
-/// Builds the modules and selftests of `spec` for kernel `release` in the scratch directory
-/// `work`, from the build root's `.deb` files (`(pin, path)`, lock order).
+/// Builds the modules, selftests and programs (`(name, C source)`, the image's
+/// `build-program` lines) of `spec` for kernel `release` in the scratch directory `work`, from
+/// the build root's `.deb` files (`(pin, path)`, lock order; the kernel source package is only
+/// needed, and only unpacked, for modules and selftests).
 pub(crate) fn build(
     spec: &ImageSpec,
     release: &str,
     debs: &[(Pin, PathBuf)],
+    programs: &[(String, String)],
     work: &Path,
 ) -> Result<Outputs, Error> {
     let root_name = spec.build_root.as_deref().unwrap_or("");
@@ -233,7 +238,8 @@ pub(crate) fn build(
     let out = work.join("out");
     let support = work.join("support");
     let scratch = work.join("scratch");
-    for d in [&root, &src, &support, &scratch] {
+    let program_dir = work.join("programs");
+    for d in [&root, &src, &support, &scratch, &program_dir] {
         std::fs::create_dir_all(d)
             .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
@@ -249,27 +255,33 @@ pub(crate) fn build(
         let entries = deb::read_deb(deb, &keep)?;
         write_entries(&root, &entries, Some(&root))?;
     }
-    let source = source.ok_or_else(|| {
-        Error::Conf(format!(
-            "build root {root_name} of image {} has no linux-source-* package in images.lock",
-            spec.name
-        ))
-    })?;
     log::info!(
         "{}: unpacked build root {root_name} in {:.1}s",
         spec.name,
         started.elapsed().as_secs_f64()
     );
 
-    let started = std::time::Instant::now();
-    let members = source_members(spec);
-    extract_source(source, &members, &src)?;
-    log::info!(
-        "{}: extracted {} source members in {:.1}s",
-        spec.name,
-        members.len(),
-        started.elapsed().as_secs_f64()
-    );
+    if spec.needs_source() {
+        let source = source.ok_or_else(|| {
+            Error::Conf(format!(
+                "build root {root_name} of image {} has no linux-source-* package in images.lock",
+                spec.name
+            ))
+        })?;
+        let started = std::time::Instant::now();
+        let members = source_members(spec);
+        extract_source(source, &members, &src)?;
+        log::info!(
+            "{}: extracted {} source members in {:.1}s",
+            spec.name,
+            members.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    for (name, text) in programs {
+        let p = program_dir.join(format!("{name}.c"));
+        std::fs::write(&p, text).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+    }
 
     for (name, text) in SUPPORT_FILES {
         std::fs::write(support.join(name), text)
@@ -290,6 +302,15 @@ pub(crate) fn build(
         .env("KREL", release)
         .env("MODULES", spec.build_modules.join(" "))
         .env("SELFTESTS", spec.build_selftests.join(" "))
+        .env("PROGRAM_DIR", &program_dir)
+        .env(
+            "PROGRAMS",
+            programs
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
         .env("JOBS", "2");
     run_capture(&mut cmd, false)?;
     log::info!(
@@ -312,6 +333,9 @@ pub(crate) fn build(
     for t in &spec.build_selftests {
         let name = t.rsplit('/').next().unwrap_or(t).to_string();
         outputs.programs.push((name.clone(), read(&name)?));
+    }
+    for (name, _) in programs {
+        outputs.programs.push((name.clone(), read(name)?));
     }
     Ok(outputs)
 }
@@ -542,6 +566,44 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Our programs compile without warnings (the image build adds -Werror) with the host's C
+    /// compiler too, when it has one; the build root's gcc compiles them for the images.
+    #[test]
+    fn programs_compile_without_warnings() {
+        for (name, text) in crate::BUILD_PROGRAMS {
+            let out = Command::new("cc")
+                .args([
+                    "-c",
+                    "-o",
+                    "/dev/null",
+                    "-O2",
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    "-x",
+                    "c",
+                    "-",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    use std::io::Write;
+                    child.stdin.take().unwrap().write_all(text.as_bytes())?;
+                    child.wait_with_output()
+                });
+            match out {
+                Ok(out) => assert!(
+                    out.status.success(),
+                    "{name}.c: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(e) => eprintln!("skipped {name}.c: no host C compiler ({e})"),
+            }
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! Inputs live next to this crate and are embedded in the binary: `images.lock` (every
 //! package pinned by name, version, suite and sha256; see [`lock`]), `images.conf` (the
 //! images, their init scripts, kernel modules, out-of-tree builds and programs), `init/*.sh`,
-//! `guest-bin/*` and `kbuild/*`.
+//! `guest-bin/*`, `programs/*.c` and `kbuild/*`.
 //!
 //! Cache layout (`$VMM_CACHE_DIR`, default `~/.cache/vmm`):
 //!
@@ -23,9 +23,9 @@
 //! ```
 //!
 //! The input hash covers the builder version, the image's pins, modules, init script and
-//! programs, and the build root and `kbuild/` files of images that compile kernel modules and
-//! selftests from the kernel source (`src/kbuild.rs`), so changing any of them builds a new
-//! directory. A warm cache does not touch the network.
+//! programs, and the build root, `kbuild/` files and program sources of images that compile
+//! kernel modules, selftests or programs (`src/kbuild.rs`), so changing any of them builds a
+//! new directory. A warm cache does not touch the network.
 
 pub mod cpio;
 pub mod lock;
@@ -69,6 +69,11 @@ pub const GUEST_PROGRAMS: &[(&str, &str)] = &[(
     "vfio-selftests",
     include_str!("../guest-bin/vfio-selftests"),
 )];
+
+/// C programs of our own compiled static by an image's build root and installed into its
+/// `/usr/bin` (`build-program =` lines of `images.conf`), by name (`guest-images/programs/
+/// <name>.c`).
+pub const BUILD_PROGRAMS: &[(&str, &str)] = &[("sva-test", include_str!("../programs/sva-test.c"))];
 
 /// Errors of the image builder. Every message is one line and says what to do where possible.
 #[derive(Debug, thiserror::Error)]

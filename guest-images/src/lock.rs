@@ -23,7 +23,9 @@
 //! `module = <name> [<name>...]` lines (kernel modules loaded at boot; dependencies are added
 //! automatically), `extra-module =` (carried, loaded on request), `build-root = <set>` with
 //! `build-module = <source.c>` / `build-selftest = <suite>/<test>` (compiled from the kernel
-//! source by the lock's packages of that set) and `program = <guest-bin script>`.
+//! source by the lock's packages of that set), `build-program = <name>` (our own C program
+//! `programs/<name>.c`, compiled static by that set's compiler) and
+//! `program = <guest-bin script>`.
 
 use std::fmt::Write as _;
 
@@ -283,6 +285,9 @@ pub struct ImageSpec {
     /// Kernel selftests built into `/usr/bin`, as `<suite>/<test>` under
     /// `tools/testing/selftests/` (`build-selftest = vfio/vfio_pci_device_test`).
     pub build_selftests: Vec<String>,
+    /// C programs of `guest-images/programs/` (`<name>.c`) compiled static by the build root
+    /// and installed into `/usr/bin` (`build-program = sva-test`).
+    pub build_programs: Vec<String>,
     /// Scripts of `guest-images/guest-bin/` installed into `/usr/bin` (`program =`).
     pub programs: Vec<String>,
 }
@@ -297,12 +302,19 @@ impl ImageSpec {
             build_root: None,
             build_modules: Vec::new(),
             build_selftests: Vec::new(),
+            build_programs: Vec::new(),
             programs: Vec::new(),
         }
     }
 
-    /// Whether the image compiles anything from the kernel source.
+    /// Whether the image compiles anything with its build root.
     pub fn builds(&self) -> bool {
+        self.needs_source() || !self.build_programs.is_empty()
+    }
+
+    /// Whether the image compiles anything from the kernel source (modules, selftests); our
+    /// own programs (`build-program`) need only the build root's compiler and libc.
+    pub fn needs_source(&self) -> bool {
         !self.build_modules.is_empty() || !self.build_selftests.is_empty()
     }
 }
@@ -394,25 +406,32 @@ pub fn parse_images_conf(text: &str) -> Result<Vec<ImageSpec>, Error> {
                     spec.build_selftests.push(t.to_string());
                 }
             }
-            "program" => {
+            k @ ("program" | "build-program") => {
                 for p in value.split_whitespace() {
                     if !valid_rel_path(p) || p.contains('/') {
                         return Err(err(format!("invalid program name `{p}`")));
                     }
-                    spec.programs.push(p.to_string());
+                    let list = match k {
+                        "build-program" => &mut spec.build_programs,
+                        _ => &mut spec.programs,
+                    };
+                    if list.iter().any(|q| q == p) {
+                        return Err(err(format!("program `{p}` is listed twice")));
+                    }
+                    list.push(p.to_string());
                 }
             }
             k => {
                 return Err(err(format!(
                     "unknown key `{k}` (expected init, module, extra-module, build-root, \
-                     build-module, build-selftest or program)"
+                     build-module, build-selftest, build-program or program)"
                 )));
             }
         }
     }
     if let Some(s) = specs.iter().find(|s| s.builds() && s.build_root.is_none()) {
         return Err(Error::Conf(format!(
-            "image `{}` builds modules or selftests but has no `build-root =` line",
+            "image `{}` builds modules, selftests or programs but has no `build-root =` line",
             s.name
         )));
     }
@@ -510,7 +529,7 @@ mod tests {
         let specs = parse_images_conf(
             "[g]\ninit = i\nextra-module = vfio-pci vfio_iommu_type1\nbuild-root = kb-1\n\
              build-module = drivers/dma/dmatest.c\nbuild-selftest = vfio/a_test vfio/b\n\
-             program = tool\n",
+             program = tool\nbuild-program = sva-test\n",
         )
         .unwrap();
         let g = &specs[0];
@@ -520,19 +539,30 @@ mod tests {
         assert_eq!(g.build_modules, ["drivers/dma/dmatest.c"]);
         assert_eq!(g.build_selftests, ["vfio/a_test", "vfio/b"]);
         assert_eq!(g.programs, ["tool"]);
+        assert_eq!(g.build_programs, ["sva-test"]);
         assert!(g.builds());
+        assert!(g.needs_source());
+        // A program alone needs the build root's compiler, not the kernel source.
+        let p = parse_images_conf("[p]\ninit = i\nbuild-root = kb\nbuild-program = sva-test\n")
+            .unwrap()
+            .remove(0);
+        assert!(p.builds() && !p.needs_source());
         for bad in [
             "build-module = ../x.c",
             "build-module = drivers/dma/dmatest.h",
             "build-selftest = vfio",
             "build-selftest = a/b/c",
             "program = a/b",
+            "build-program = a/b",
+            "build-program = x x",
             "extra-module = a.b",
         ] {
             let text = format!("[g]\ninit = i\nbuild-root = r\n{bad}\n");
             assert!(parse_images_conf(&text).is_err(), "{bad}");
         }
         let e = parse_images_conf("[g]\ninit = i\nbuild-module = a.c\n").unwrap_err();
+        assert!(e.to_string().contains("build-root"), "{e}");
+        let e = parse_images_conf("[g]\ninit = i\nbuild-program = p\n").unwrap_err();
         assert!(e.to_string().contains("build-root"), "{e}");
     }
 }

@@ -598,8 +598,24 @@ fn embedded_inputs_are_consistent() {
         assert!(root.iter().any(|p| p.name == needed), "{needed}");
     }
     assert!(root.iter().any(|p| p.name.starts_with("linux-headers-")));
-    assert_eq!(guest.build_modules, ["drivers/dma/dmatest.c"]);
+    assert_eq!(
+        guest.build_modules,
+        ["drivers/dma/dmatest.c", "drivers/uio/uio_pci_generic_sva.c"]
+    );
     assert_eq!(guest.programs, ["vfio-selftests"]);
+    // sva-test in both guest profiles; 6.12 compiles it with the 7.2 build root, without the
+    // kernel source (only modules and selftests need it).
+    for profile in ["guest-7.2", "guest-6.12"] {
+        let spec = specs.iter().find(|s| s.name == profile).unwrap();
+        assert_eq!(spec.build_programs, ["sva-test"], "{profile}");
+        assert_eq!(spec.build_root.as_deref(), Some("kbuild-7.2"), "{profile}");
+    }
+    let r = s.recipe("guest-6.12").unwrap();
+    assert!(r.build_pins.iter().any(|p| p.name == "gcc-16"));
+    assert!(!r.build_pins.iter().any(kbuild::is_source_package));
+    assert_eq!(r.build_programs.len(), 1);
+    let r = s.recipe("guest-7.2").unwrap();
+    assert!(r.build_pins.iter().any(kbuild::is_source_package));
     // libc6 is pinned twice: trixie for the guests, sid for the build root.
     let libc: Vec<&str> = lock
         .pins()
