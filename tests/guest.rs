@@ -378,7 +378,7 @@ fn vfio_selftests_drive_a_function_through_vfio_type1() {
 /// The SVA guest side without an engine (one boot of the 7.2 profile): `uio_pci_generic_sva`
 /// (built from linux-source) loads on request with `uio`, not at boot, and registers the
 /// `uio_pci_sva` PCI driver; `sva-test --help` documents its options; `sva-test` with no
-/// `--dma-engine` fails in one line naming what is missing, and a bad option in one line;
+/// engine fails in one line naming what is missing, and a bad option in one line;
 /// `sva-test --simulate` (the tool's own engine stand-in) copies, fills and compares, and runs
 /// several processes with distinct PASIDs, on the guest's kernel.
 #[test]
@@ -433,7 +433,9 @@ fn sva_driver_loads_and_sva_test_needs_an_engine() {
         .collect();
     assert_eq!(
         said,
-        ["sva-test: no SVA DMA engine: no PCI function 1234:5356 (start the VM with --dma-engine)"],
+        [
+            "sva-test: no SVA DMA engine: no PCI function 1234:5356 (the engine of docs/sva-engine.md; the VMM does not provide it yet)"
+        ],
         "{out}"
     );
     assert!(has("no-engine-exit 2"), "{out}");

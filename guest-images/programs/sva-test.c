@@ -219,7 +219,7 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: sva-test [OPTIONS]\n"
-		"Drives the SVA DMA engine (PCI 1234:5356, `vmm run --dma-engine`) through\n"
+		"Drives the SVA DMA engine (PCI 1234:5356, docs/sva-engine.md; not in the VMM yet) through\n"
 		"uio_pci_generic_sva on this process's own virtual addresses, tagged with the PASID\n"
 		"the kernel bound to its address space, and verifies the result with the CPU.\n"
 		"Without options: copies 64 MiB into a freshly mapped, never-touched anonymous\n"
@@ -563,8 +563,8 @@ static void find_device(void)
 		}
 		if (!dev.bdf[0])
 			die(EXIT_SETUP,
-			    "no SVA DMA engine: no PCI function %04x:%04x (start the VM with "
-			    "--dma-engine)",
+			    "no SVA DMA engine: no PCI function %04x:%04x (the engine of "
+			    "docs/sva-engine.md; the VMM does not provide it yet)",
 			    ENGINE_VENDOR, ENGINE_DEVICE);
 	}
 	snprintf(dev.devdir, sizeof(dev.devdir), PCI_DEVICES "/%s", dev.bdf);
