@@ -5,3 +5,4 @@ pub mod cxl;
 pub mod ioat;
 pub mod legacy;
 pub mod pci;
+pub mod sva_engine;
