@@ -434,7 +434,7 @@ fn sva_driver_loads_and_sva_test_needs_an_engine() {
     assert_eq!(
         said,
         [
-            "sva-test: no SVA DMA engine: no PCI function 1234:5356 (the engine of docs/sva-engine.md; the VMM does not provide it yet)"
+            "sva-test: no SVA DMA engine: no PCI function 1234:5356 (start the VM with `vmm run --iommu vtd --dma-engine`)"
         ],
         "{out}"
     );

@@ -563,8 +563,8 @@ static void find_device(void)
 		}
 		if (!dev.bdf[0])
 			die(EXIT_SETUP,
-			    "no SVA DMA engine: no PCI function %04x:%04x (the engine of "
-			    "docs/sva-engine.md; the VMM does not provide it yet)",
+			    "no SVA DMA engine: no PCI function %04x:%04x (start the VM with "
+			    "`vmm run --iommu vtd --dma-engine`)",
 			    ENGINE_VENDOR, ENGINE_DEVICE);
 	}
 	snprintf(dev.devdir, sizeof(dev.devdir), PCI_DEVICES "/%s", dev.bdf);
@@ -990,14 +990,20 @@ struct engine {
 	int *lock;	/* spin lock around submissions when shared, else NULL */
 };
 
+/* Register accesses are plain 64-bit MOVs, written out: the compiler may otherwise turn a
+ * volatile 64-bit load into an SSE MOVQ, which a hypervisor's MMIO emulation need not
+ * support (KVM answers it with #UD). */
 static uint64_t rd(const struct engine *e, unsigned off)
 {
-	return *(volatile uint64_t *)(e->regs + off);
+	uint64_t v;
+	__asm__ volatile("movq %1, %0" : "=r"(v) : "m"(*(volatile uint64_t *)(e->regs + off)));
+	return v;
 }
 
 static void wr(const struct engine *e, unsigned off, uint64_t v)
 {
-	*(volatile uint64_t *)(e->regs + off) = v;
+	__asm__ volatile("movq %1, %0" : "=m"(*(volatile uint64_t *)(e->regs + off)) : "r"(v)
+			 : "memory");
 }
 
 static void status_text(uint64_t st, char *buf, size_t len)

@@ -250,6 +250,10 @@ enum CtlRequest {
     /// Report the I/OAT DMA engines (`--ioat`): per channel its state, CHANERR and counters.
     #[command(name = "ioat-state", visible_alias = "ioat")]
     IoatState,
+    /// Report the SVA DMA engines (`--dma-engine`): ATS/PASID/PRI enables, ring, ATC, page
+    /// requests and responses by code.
+    #[command(name = "dma-engine-state", visible_alias = "dma-engine")]
+    DmaEngineState,
     /// Send one raw JSON request (see `docs/control-api.md`).
     Raw {
         /// The request object, e.g. '{"command":"query-devices"}'.
@@ -280,6 +284,7 @@ impl CtlRequest {
                 json!({"command": "iommu-delay-invalidation-wait", "ms": ms})
             }
             CtlRequest::IoatState => json!({"command": "ioat-state"}),
+            CtlRequest::DmaEngineState => json!({"command": "dma-engine-state"}),
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
             CtlRequest::InjectPoison(r) => r.request("cxl-inject-poison"),
             CtlRequest::ClearPoison(r) => r.request("cxl-clear-poison"),

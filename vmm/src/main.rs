@@ -14,6 +14,7 @@ mod ctl;
 mod cxl;
 mod file_lock;
 mod host;
+mod dma_engine;
 mod ioat;
 mod kvm_probe;
 mod layout;
@@ -181,6 +182,18 @@ struct RunArgs {
         default_missing_value = ""
     )]
     ioat: Vec<String>,
+    /// Add the project's SVA DMA engine (PCI 1234:5356, docs/sva-engine.md: a descriptor ring of
+    /// copies, fills and compares on a process's virtual addresses, with ATS, PASID and PRI;
+    /// the guest drives it with uio_pci_generic_sva and `sva-test`) on the root bus from
+    /// 00:18.0, its DMA through the IOMMU (use it with `--iommu vtd`) (repeatable):
+    /// `[id=NAME][,ats=on|off][,pri=on|off]` (default: ATS and PRI on; PRI needs ATS).
+    #[arg(
+        long = "dma-engine",
+        value_name = "SPEC",
+        num_args = 0..=1,
+        default_missing_value = ""
+    )]
+    dma_engine: Vec<String>,
     /// Internal (nested host): serve the control API on this serial port.
     #[arg(long, value_name = "TTY", hide = true)]
     control_serial: Option<PathBuf>,
@@ -295,6 +308,7 @@ impl RunArgs {
             guest_file,
             iommu,
             ioat,
+            dma_engine,
             control,
             control_serial,
             nested_nvdimm,
@@ -339,6 +353,7 @@ impl RunArgs {
             ("cxl-type3", cxl_type3),
             ("guest-file", guest_file),
             ("ioat", ioat),
+            ("dma-engine", dma_engine),
             ("nested-nvdimm", nested_nvdimm),
         ] {
             for v in values {
@@ -393,6 +408,8 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         .map(|(i, spec)| cxl::CxlType3Spec::parse(spec, i).map_err(Failure::vmm))
         .collect::<Result<Vec<_>, _>>()?;
     let ioat = ioat::IoatSpec::parse_all(&args.ioat).map_err(Failure::vmm)?;
+    let dma_engines =
+        dma_engine::DmaEngineSpec::parse_all(&args.dma_engine).map_err(Failure::vmm)?;
     let iommu = args
         .iommu
         .as_deref()
@@ -537,6 +554,7 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         nested_media,
         iommu,
         ioat,
+        dma_engines,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {

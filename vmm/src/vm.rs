@@ -94,6 +94,8 @@ pub struct VmConfig {
     pub iommu: Option<crate::vtd::VtdSpec>,
     /// Emulated I/OAT DMA engines (`--ioat`).
     pub ioat: Vec<crate::ioat::IoatSpec>,
+    /// SVA DMA engines (`--dma-engine`).
+    pub dma_engines: Vec<crate::dma_engine::DmaEngineSpec>,
 }
 
 /// Where this VMM serves the control API.
@@ -478,6 +480,15 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         &config.ioat,
         &guest_memory,
         &msi_sink,
+        translator.clone(),
+        &mut platform,
+    )
+    .map_err(VmError::Pci)?;
+    // SVA DMA engines: PASID-tagged DMA, ATS and PRI through the same unit.
+    let dma_engines = crate::dma_engine::install(
+        &config.dma_engines,
+        &guest_memory,
+        &msi_sink,
         translator,
         &mut platform,
     )
@@ -496,6 +507,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
                 .collect(),
             iommu: vtd.as_ref().map(|(unit, _)| unit.clone()),
             ioat,
+            dma_engines,
         };
         match endpoint {
             ControlEndpoint::Socket(listener) => listener.serve(target),

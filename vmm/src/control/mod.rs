@@ -53,6 +53,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 mod cxl;
+mod dma_engine;
 mod ioat;
 mod iommu;
 
@@ -93,6 +94,8 @@ pub struct ControlTarget {
     pub iommu: Option<Arc<Mutex<::iommu::vtd::unit::RemappingUnit>>>,
     /// The I/OAT DMA engines (`ioat-*` commands), with `--ioat`.
     pub ioat: Vec<crate::ioat::IoatHandle>,
+    /// The SVA DMA engines (`dma-engine-*` commands), with `--dma-engine`.
+    pub dma_engines: Vec<crate::dma_engine::DmaEngineHandle>,
 }
 
 /// Every command, by family (for the unknown-command error).
@@ -110,6 +113,7 @@ const COMMANDS: &[&str] = &[
     "iommu-drop-page-requests",
     "iommu-delay-invalidation-wait",
     "ioat-state",
+    "dma-engine-state",
 ];
 
 impl ControlTarget {
@@ -123,6 +127,7 @@ impl ControlTarget {
                 Some(c) if c == "query-devices" || c.starts_with("cxl-") => cxl::handle(self, line),
                 Some(c) if c.starts_with("iommu-") => iommu::handle(self, &request),
                 Some(c) if c.starts_with("ioat-") => ioat::handle(self, &request),
+                Some(c) if c.starts_with("dma-engine-") => dma_engine::handle(self, &request),
                 Some(c) => Err(unsupported_qmp_command(line).unwrap_or(format!(
                     "bad request: unknown command '{c}' (commands: {})",
                     COMMANDS.join(", ")
@@ -582,6 +587,7 @@ mod tests {
             }],
             iommu: None,
             ioat: Vec::new(),
+            dma_engines: Vec::new(),
         }
     }
 
