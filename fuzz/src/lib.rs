@@ -10,7 +10,9 @@
 //! - [`dma`]: `iommu::DmaSpace` over a small guest memory with holes;
 //! - [`vtd`]: the VT-d remapping unit's register file, with the unit's own events between
 //!   guest accesses;
-//! - [`ioat`]: the emulated I/OAT DMA engine's registers and descriptor chains.
+//! - [`ioat`]: the emulated I/OAT DMA engine's registers and descriptor chains;
+//! - [`sva_engine`]: the SVA DMA engine's registers, rings, descriptors and the IOMMU's page
+//!   group responses and device-TLB invalidations.
 //!
 //! The same `run` functions serve the libFuzzer targets (`fuzz_targets/`), the stable replay test
 //! (`tests/replay.rs`, over `corpus/`), and the replay binaries (`cargo run --bin TARGET -- FILE`).
@@ -23,6 +25,7 @@ pub mod ioat;
 pub mod pci;
 pub mod pio;
 pub mod seeds;
+pub mod sva_engine;
 pub mod vtd;
 
 /// Most operations decoded from one input; longer inputs are truncated (keeps runs short).

@@ -379,10 +379,12 @@ pub fn run(args: &CtlArgs) -> Result<(), String> {
     if answer["ok"] == Value::Bool(true) {
         match &answer["result"] {
             Value::Null => {}
-            r => println!(
-                "{}",
-                serde_json::to_string_pretty(r).unwrap_or_else(|_| r.to_string())
-            ),
+            r => {
+                // A reader that stops early (`| head`) is not an error worth a panic.
+                use std::io::Write;
+                let text = serde_json::to_string_pretty(r).unwrap_or_else(|_| r.to_string());
+                let _ = writeln!(std::io::stdout(), "{text}");
+            }
         }
         Ok(())
     } else {

@@ -71,9 +71,7 @@ impl DmaEngineSpec {
                     pri_given = true;
                 }
                 other => {
-                    return Err(err(format!(
-                        "unknown key '{other}' (keys: id, ats, pri)"
-                    )));
+                    return Err(err(format!("unknown key '{other}' (keys: id, ats, pri)")));
                 }
             }
         }

@@ -71,6 +71,13 @@ pub struct EngineCounters {
     pub unexpected_responses: u64,
     /// Descriptors that ended with TRANSLATION_FAULT.
     pub translation_faults: u64,
+    /// Page requests whose response came back (the round trips below).
+    pub page_request_round_trips: u64,
+    /// Sum of the page-fault round trips as the device sees them: from sending the page
+    /// request to holding the response (the retranslation that follows is not included).
+    pub page_request_round_trip_ns: u64,
+    /// The longest such round trip.
+    pub page_request_round_trip_max_ns: u64,
 }
 
 /// The registers and state the vCPU side and the worker share.
@@ -168,6 +175,8 @@ impl EngineState {
         self.reg_atc_invalidations = 0;
         self.reset_epoch += 1;
         self.abort_epoch += 1;
+        // Requests of the aborted descriptor are given up: a late response is unexpected.
+        self.pri_clear_credits();
     }
 
     /// PRI disabled or reset: nothing outstanding any more.
@@ -700,7 +709,8 @@ impl Worker {
                 if s.abort_epoch != abort_epoch {
                     return Err(cstatus::ABORTED);
                 }
-                if !s.pri_enabled {
+                // PRI off, or enabled with no allocation: no page request may be sent.
+                if !s.pri_enabled || s.pri_allocation == 0 {
                     return Err(cstatus::TRANSLATION_FAULT);
                 }
                 if s.pri_stopped {
@@ -736,6 +746,7 @@ impl Worker {
             group_index: group,
             last_in_group: true,
         };
+        let sent = std::time::Instant::now();
         if let Err(e) = space.page_request(request) {
             log::debug!("sva-engine: page request refused: {e}");
             let mut s = self.shared.state();
@@ -755,6 +766,11 @@ impl Worker {
                     code: PageResponseCode::ResponseFailure,
                 });
                 s.waiting_page = false;
+                let ns = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let c = &mut s.counters;
+                c.page_request_round_trips += 1;
+                c.page_request_round_trip_ns = c.page_request_round_trip_ns.saturating_add(ns);
+                c.page_request_round_trip_max_ns = c.page_request_round_trip_max_ns.max(ns);
                 return match response.code {
                     PageResponseCode::Success => Ok(()),
                     PageResponseCode::InvalidRequest => Err(cstatus::PAGE_INVALID),

@@ -665,3 +665,31 @@ fn descriptors_with_a_pasid_need_pasid_enable() {
     assert_eq!(rig.f.counters().translation_faults, 1);
     assert!(rig.iommu.requests.lock().unwrap().is_empty());
 }
+
+#[test]
+fn a_pri_allocation_of_zero_sends_no_page_request() {
+    let mut rig = rig();
+    let r = rig.f.capability_offsets().2.unwrap();
+    rig.cfg16(r + pri::CTRL, 0);
+    rig.f.config_write(r + pri::ALLOCATION, &0u32.to_le_bytes());
+    rig.cfg16(r + pri::CTRL, pri::CTRL_ENABLE);
+    rig.start_ring();
+    source(&rig, 0x4000_0000, 1);
+    let r = rig.run(copy(0x4000_0000, 0x5000_0000, 4096));
+    assert_eq!(r.status, cstatus::TRANSLATION_FAULT);
+    assert!(rig.iommu.requests.lock().unwrap().is_empty());
+}
+
+#[test]
+fn the_device_measures_its_page_fault_round_trips() {
+    let mut rig = rig();
+    rig.start_ring();
+    source(&rig, 0x4000_0000, 2);
+    assert_eq!(
+        rig.run(copy(0x4000_0000, 0x5000_0000, 8192)).status,
+        cstatus::SUCCESS
+    );
+    let c = rig.f.counters();
+    assert_eq!(c.page_request_round_trips, 2);
+    assert!(c.page_request_round_trip_max_ns <= c.page_request_round_trip_ns);
+}

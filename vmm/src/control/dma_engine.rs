@@ -60,6 +60,17 @@ pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, S
                     "atc_invalidations": c.atc_invalidations,
                     "atc_entries_invalidated": c.atc_entries_invalidated,
                     "page_requests": c.page_requests,
+                    "page_request_round_trip_us": {
+                        "count": c.page_request_round_trips,
+                        "mean": if c.page_request_round_trips == 0 {
+                            0.0
+                        } else {
+                            c.page_request_round_trip_ns as f64
+                                / c.page_request_round_trips as f64
+                                / 1000.0
+                        },
+                        "max": c.page_request_round_trip_max_ns as f64 / 1000.0,
+                    },
                     "page_responses": {
                         "success": c.responses_success,
                         "invalid": c.responses_invalid,
