@@ -228,6 +228,26 @@ fn bad_iommu_spec_is_one_line_error() {
 }
 
 #[test]
+fn bad_dma_engine_spec_is_one_line_error() {
+    for (bad, needle) in [
+        ("ats=maybe", "ats=maybe"),
+        ("ats=off,pri=on", "pri=on needs ats=on"),
+        ("queues=4", "unknown key 'queues'"),
+    ] {
+        let run = vmm(["run", "--iommu", "vtd", "--dma-engine", bad, "--", "true"]);
+        assert_one_line_error(&run, needle);
+    }
+    let run = vmm([
+        "run",
+        "--dma-engine=id=a",
+        "--dma-engine=id=a",
+        "--",
+        "true",
+    ]);
+    assert_one_line_error(&run, "--dma-engine id 'a' is used twice");
+}
+
+#[test]
 fn bad_guest_file_is_one_line_error() {
     let run = vmm(["run", "--guest-file", "/no/such/tool", "--", "true"]);
     assert_one_line_error(&run, "/no/such/tool");

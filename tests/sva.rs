@@ -20,6 +20,10 @@ fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
+    // A CXL backing file's label storage area (namespaces of an earlier run).
+    let mut lsa = path.clone().into_os_string();
+    lsa.push(".lsa");
+    let _ = std::fs::remove_file(lsa);
     path
 }
 
