@@ -181,7 +181,11 @@ fn read(f: &mut SvaEngineFunction, off: u64) -> u64 {
 fn check(f: &mut SvaEngineFunction, id: u64, caps: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while read(f, reg::STATUS) & reg::status::BUSY != 0 {
-        assert!(Instant::now() < deadline, "the engine stayed busy: {:?}", f.snapshot());
+        assert!(
+            Instant::now() < deadline,
+            "the engine stayed busy: {:?}",
+            f.snapshot()
+        );
         std::thread::sleep(Duration::from_micros(50));
     }
     assert_eq!(read(f, reg::ID), id, "ID changed");

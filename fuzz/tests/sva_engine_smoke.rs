@@ -34,7 +34,7 @@ fn sva_engine_driver_like_sequence() {
     for setup in [0b111u8, 0b110, 0b101, 0b100] {
         let mut data = vec![setup];
         let ring = 0x1000u64;
-        let mut desc = |data: &mut Vec<u8>, slot: u64, words: [u64; 8]| {
+        let desc = |data: &mut Vec<u8>, slot: u64, words: [u64; 8]| {
             for (i, w) in words.iter().enumerate() {
                 let at = ring + slot * 64 + 8 * i as u64;
                 op(data, 3, 8, (at / 16) as u16, *w, (at & 8) as u8);
@@ -43,7 +43,11 @@ fn sva_engine_driver_like_sequence() {
         // COPY 0x2000 -> 0x3000, 4 KiB, completion at 0x8000.
         desc(&mut data, 0, [1, 0x2000, 0x3000, 4096, 0x8000, 0, 0, 0]);
         // FILL into the denied half (page requests, refused).
-        desc(&mut data, 1, [2, 0x1122_3344, 0x9_0000, 8192, 0x8020, 0, 0, 0]);
+        desc(
+            &mut data,
+            1,
+            [2, 0x1122_3344, 0x9_0000, 8192, 0x8020, 0, 0, 0],
+        );
         // COMPARE, then a descriptor with a reserved field (halts).
         desc(&mut data, 2, [3, 0x2000, 0x3000, 4096, 0x8040, 0, 0, 0]);
         desc(&mut data, 3, [1, 0x2000, 0x3000, 64, 0x8060, 7, 0, 0]);
