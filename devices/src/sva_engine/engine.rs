@@ -29,6 +29,8 @@ use crate::pci::FunctionInterrupts;
 
 /// Page requests per page before the descriptor ends with PAGE_FAILURE.
 pub const MAX_PAGE_REQUESTS_PER_PAGE: u32 = 16;
+/// The longest pause between two page requests for the same page.
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// Page Request Group Indexes are 9 bits.
 const GROUP_INDEXES: u16 = 512;
 /// Bytes moved per step: a page (translations are per page).
@@ -688,9 +690,40 @@ impl Worker {
             if page_requests >= MAX_PAGE_REQUESTS_PER_PAGE {
                 return Err(fault(cstatus::PAGE_FAILURE));
             }
+            if page_requests > 0 {
+                // Success came, yet the page is still denied: the host may not have served
+                // the request at all (a full page request queue answers Success for a lost
+                // request, VT-d 7.5.1). Ask again after a pause that doubles each time, so
+                // the retries span the time the host needs to drain its queue.
+                self.back_off(page_requests, abort_epoch).map_err(fault)?;
+            }
             page_requests += 1;
             self.page_request(space, pasid, page, kind, abort_epoch)
                 .map_err(fault)?;
+        }
+    }
+
+    /// Waits before the `retry`-th repeated page request for a page: 1 ms doubling up to
+    /// [`MAX_RETRY_PAUSE`] (about 2 s over the [`MAX_PAGE_REQUESTS_PER_PAGE`] requests).
+    /// Returns ABORTED if the descriptor is aborted meanwhile.
+    fn back_off(&self, retry: u32, abort_epoch: u64) -> Result<(), u8> {
+        let pause = Duration::from_millis(1 << (retry - 1).min(16)).min(MAX_RETRY_PAUSE);
+        let deadline = std::time::Instant::now() + pause;
+        let mut s = self.shared.state();
+        loop {
+            if s.abort_epoch != abort_epoch {
+                return Err(cstatus::ABORTED);
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            s = self
+                .shared
+                .wake
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

@@ -693,3 +693,24 @@ fn the_device_measures_its_page_fault_round_trips() {
     assert_eq!(c.page_request_round_trips, 2);
     assert!(c.page_request_round_trip_max_ns <= c.page_request_round_trip_ns);
 }
+
+#[test]
+fn success_for_a_lost_request_is_retried_with_pauses_then_fails() {
+    // The stand-in answers Success without mapping anything (a request lost to a full queue).
+    let mut rig = rig();
+    rig.start_ring();
+    source(&rig, 0x4000_0000, 1);
+    *rig.iommu.answer.lock().unwrap() = Answer::Code(PageResponseCode::Success);
+    let started = Instant::now();
+    let r = rig.run(copy(0x4000_0000, 0x5000_0000, 4096));
+    assert_eq!(r.status, cstatus::PAGE_FAILURE);
+    assert_eq!(
+        rig.iommu.requests.lock().unwrap().len(),
+        MAX_PAGE_REQUESTS_PER_PAGE as usize
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the retries are spread out: {:?}",
+        started.elapsed()
+    );
+}
