@@ -401,8 +401,6 @@ fn sva_driver_loads_and_sva_test_needs_an_engine() {
         sva-test --simulate --op fill --size 16M 2>&1; echo "fill-exit $?"
         sva-test --simulate --op compare --size 1M 2>&1; echo "compare-exit $?"
         sva-test --simulate --procs 4 --size 256K 2>&1 | tail -n 1; echo "procs-exit $?"
-        modprobe vmw_pvrdma && echo pvrdma-modprobe-ok
-        [ -d /sys/bus/pci/drivers/vmw_pvrdma ] && echo pvrdma-driver-registered
     "#;
     let run = guest(["run", TIMEOUT, "--", "sh", "-c", script]);
     run.expect_status(0);
@@ -465,9 +463,6 @@ fn sva_driver_loads_and_sva_test_needs_an_engine() {
         "{out}"
     );
     assert!(has("compare-exit 0"), "{out}");
-    // The RDMA NIC's driver (built by the same machinery, issue 10) loads with its IB core.
-    assert!(has("pvrdma-modprobe-ok"), "{out}");
-    assert!(has("pvrdma-driver-registered"), "{out}");
     assert!(
         line("sva-test: procs=4 copy anon 262144 bytes each pasids=5 distinct").ends_with(" ok"),
         "{out}"

@@ -6,8 +6,7 @@
 #
 # Environment: ROOT (build root), SRC (kernel source tree, partial), WORK (scratch directory),
 # OUT (results: <module>.ko, <selftest>, <program>), SUPPORT (selftest-compat.{c,h}), KREL
-# (kernel release), MODULES (source files, or driver directories ending in /, relative to
-# SRC), SELFTESTS (<suite>/<test> under
+# (kernel release), MODULES (source files relative to SRC), SELFTESTS (<suite>/<test> under
 # tools/testing/selftests), PROGRAMS (names of PROGRAM_DIR/<name>.c), JOBS. SRC is empty when
 # only PROGRAMS are built, and KREL may then be another kernel's (a 6.12 image compiling its
 # programs with the 7.2 build root).
@@ -54,28 +53,13 @@ MAP="-ffile-prefix-map=$ROOT= -ffile-prefix-map=$SRC=linux-source -ffile-prefix-
 mkdir -p "$OUT"
 
 for m in $MODULES; do
-    case "$m" in
-    */)
-        # A driver directory: built by its own Makefile, with every CONFIG_ symbol its obj-
-        # lines name set to m (Debian leaves them unset); the module is named after it.
-        name=$(basename "$m")
-        dir="$WORK/module-$name"
-        mkdir -p "$dir"
-        cp -R "$SRC/$m." "$dir/"
-        configs=$(sed -n 's/.*obj-\$(\(CONFIG_[A-Za-z0-9_]*\)).*/\1=m/p' "$dir/Makefile" | sort -u)
-        ;;
-    *)
-        name=$(basename "$m" .c)
-        dir="$WORK/module-$name"
-        mkdir -p "$dir"
-        cp "$SRC/$m" "$dir/"
-        echo "obj-m := $name.o" > "$dir/Kbuild"
-        configs=
-        ;;
-    esac
+    name=$(basename "$m" .c)
+    dir="$WORK/module-$name"
+    mkdir -p "$dir"
+    cp "$SRC/$m" "$dir/"
+    echo "obj-m := $name.o" > "$dir/Kbuild"
     echo "building $name.ko" >&2
-    # shellcheck disable=SC2086 # one word per CONFIG_X=m
-    make -s -j"$JOBS" -C "$HDR" M="$dir" KCFLAGS="$MAP" $configs modules
+    make -s -j"$JOBS" -C "$HDR" M="$dir" KCFLAGS="$MAP" modules
     "${CROSS}strip" --strip-debug -o "$OUT/$name.ko" "$dir/$name.ko"
 done
 
