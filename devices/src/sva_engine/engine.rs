@@ -341,9 +341,16 @@ impl Worker {
             };
             let (pasid, privileged) = decode_pasid_field(ring_pasid);
             let ring_space = self.dma.with_pasid(pasid, privileged);
-            let address = ring_base + index * descriptor::SIZE;
+            // RING_BASE is the guest's: a ring running past the top of the address space is a
+            // failed fetch, not a wrapped address.
+            let address = ring_base.checked_add(index * descriptor::SIZE);
             let mut raw = [0u8; descriptor::SIZE as usize];
-            if let Err(e) = ring_space.read(address, &mut raw) {
+            let fetched = match address {
+                Some(a) => ring_space.read(a, &mut raw).map_err(|e| e.to_string()),
+                None => Err("the ring wraps around the address space".to_string()),
+            };
+            let address = address.unwrap_or(ring_base);
+            if let Err(e) = fetched {
                 log::debug!("sva-engine: ring fetch at {address:#x} failed: {e}");
                 let mut s = self.shared.state();
                 s.busy = false;
@@ -500,11 +507,13 @@ impl Worker {
             result: 0,
         };
         let pattern = desc.src.to_le_bytes();
-        while done < desc.len {
+        // NOP moves nothing, whatever its length says (its addresses are not validated).
+        let len = if desc.opcode == op::NOP { 0 } else { desc.len };
+        while done < len {
             let src = desc.src + done;
             let dst = desc.dst + done;
             let step =
-                (desc.len - done)
+                (len - done)
                     .min(PAGE - (dst & (PAGE - 1)))
                     .min(if desc.opcode == op::FILL {
                         u64::MAX

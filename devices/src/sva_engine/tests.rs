@@ -714,3 +714,25 @@ fn success_for_a_lost_request_is_retried_with_pauses_then_fails() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_ring_past_the_top_of_the_address_space_halts_and_a_long_nop_moves_nothing() {
+    let mut rig = rig();
+    rig.start_ring();
+    // NOP with a huge length and addresses that would wrap: completes at once, nothing moved.
+    let r = rig.run(Descriptor {
+        opcode: op::NOP,
+        pasid: pasid_field::VALID | PASID,
+        dst: u64::MAX - 8,
+        len: 1 << 30,
+        ..Default::default()
+    });
+    assert_eq!((r.status, r.bytes_completed), (cstatus::SUCCESS, 0));
+    rig.w64(reg::CTRL, registers::ctrl::RESET);
+    rig.w64(reg::RING_BASE, u64::MAX - 63);
+    rig.w64(reg::RING_SIZE, 4);
+    rig.w64(reg::CTRL, registers::ctrl::ENABLE);
+    rig.w64(reg::RING_TAIL, 2);
+    rig.wait_status(status::HALTED, true);
+    assert_eq!(rig.r64(reg::ERROR), registers::error::RING_FETCH);
+}
