@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The RoCE engine benchmark and its driver-side rig build only with the `harness` feature.
+cargo clippy -p devices --all-targets --features harness --locked -- -D warnings
 # Guest images are built (downloaded from the Debian archive) once, up front, so the tests'
 # timings are about the guests.
 cargo build --workspace --locked

@@ -78,6 +78,7 @@ fn precommitted_ram_region_is_system_ram_on_its_own_node() {
     let img = scratch("ram.img");
     let script = r#"
         set -e
+        grep -qw hypervisor /proc/cpuinfo && echo "hypervisor-shown"
         cxl list -R -u
         numactl -H
         # All of node 1 (the CXL window's node) can be allocated and touched by a bound process.
@@ -90,9 +91,13 @@ fn precommitted_ram_region_is_system_ram_on_its_own_node() {
         fi
         echo "filled"
     "#;
-    let run = run_script(&precommitted_256m_ram(&img), script);
+    // The firmware path needs no hidden hypervisor: keep the bit (and kvmclock) here.
+    let mut flags = precommitted_256m_ram(&img);
+    flags.push("--cpuid-hypervisor".to_string());
+    let run = run_script(&flags, script);
     run.expect_status(0);
     let out = &run.stdout;
+    assert!(out.contains("hypervisor-shown"), "{out}");
     assert!(out.contains("\"type\":\"ram\""), "{out}");
     assert!(out.contains("\"decode_state\":\"commit\""), "{out}");
     assert!(out.contains("available: 2 nodes (0-1)"), "{out}");
@@ -160,8 +165,6 @@ fn poison_injected_through_the_mailbox_is_listed_and_traced() {
     let img = scratch("poison.img");
     let script = r#"
         set -e
-        mount -t debugfs none /sys/kernel/debug
-        mount -t tracefs none /sys/kernel/tracing 2>/dev/null || true
         echo 1 > /sys/kernel/tracing/events/cxl/cxl_poison/enable
         echo 0x1000 > /sys/kernel/debug/cxl/mem0/inject_poison
         cxl list -m mem0 -L -u
@@ -190,21 +193,27 @@ fn poison_injected_through_the_mailbox_is_listed_and_traced() {
     assert!(!after.contains("\"offset\":\"0x1000\""), "{after}");
 }
 
+/// Issue 11, acceptance 3: with no CXL-specific flag the guest kernel commits regions itself.
+/// Linux refuses to commit a region inside a VM (`cpu_cache_has_invalidate_memregion()` is
+/// false with the hypervisor CPUID bit), so with CXL devices the VMM hides that bit by default;
+/// the kernel programs the HDM decoders, the VMM maps the ranges: a RAM region becomes System
+/// RAM on node 1 and a pmem region on the same device (created with the issue's exact command)
+/// carries a DAX file system (XFS here, ext4 in pmem_fsdax_file_survives_a_vm_restart;
+/// mkfs.xfs wants more than 300 MB), with no WARNING in the guest's log. The kernel also reads
+/// the endpoint's CDAT over DOE, and with the host bridge's generic port in SRAT/HMAT and the
+/// QTG `_DSM` it gives both partitions the root decoder's QoS class (`cxl list -R` shows no
+/// `qos_class_mismatch`).
 #[test]
-fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
-    // Linux refuses to commit a region inside a VM (cpu_cache_has_invalidate_memregion() is
-    // false with the hypervisor CPUID bit); with --cpuid-no-hypervisor it commits the HDM
-    // decoders itself, the VMM maps the ranges: a RAM region becomes System RAM on node 1 and a
-    // pmem region on the same device carries a DAX file system (XFS here, ext4 in
-    // pmem_fsdax_file_survives_a_vm_restart; mkfs.xfs wants more than 300 MB).
+fn kernel_driven_region_commit_works_without_any_cxl_flag() {
     let img = scratch("kernel-commit.img");
     let script = r#"
         set -e
+        grep -qw hypervisor /proc/cpuinfo && echo "hypervisor-shown" || echo "hypervisor-hidden"
         cxl create-region -t ram -d decoder0.0 -m mem0 -s 256M
         numactl -H | grep "node 1 size"
         numactl --membind=1 memhog -r1 128M >/dev/null
         echo "ram-region-touched"
-        cxl create-region -t pmem -d decoder0.0 -m mem0 -s 512M
+        cxl create-region -m -d decoder0.0 -w 1 -t pmem mem0
         ns=$(ndctl create-namespace -m fsdax)
         pmem=$(echo "$ns" | sed -n 's/.*"blockdev":"\([^"]*\)".*/\1/p')
         mkfs.xfs -q -f -m reflink=0 /dev/$pmem
@@ -213,11 +222,21 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
         grep $pmem /proc/mounts
         echo written > /mnt/p/file
         cat /mnt/p/file
+        echo "warnings $(dmesg | grep -c 'WARNING' || true)"
+        # The endpoint's CDAT, read by the kernel over DOE (issue 11, acceptance 6, first part).
+        ls /sys/bus/pci/devices/*/doe_features | grep -x "1e98:02"
+        for e in /sys/bus/cxl/devices/endpoint*; do
+            sum=$(od -An -v -t u1 "$e/CDAT" | tr -s ' ' '\n' | awk '{s += $1} END {print s % 256}')
+            echo "cdat-bytes $(wc -c < "$e/CDAT") checksum $sum"
+        done
+        # QoS classes (CDAT + SRAT generic port + HMAT + the QTG _DSM): equal, no mismatch.
+        echo "qos-mismatches $(cxl list -R | grep -c qos_class_mismatch || true)"
+        D=/sys/bus/cxl/devices
+        echo "qos-classes" $(cat $D/mem0/ram/qos_class $D/mem0/pmem/qos_class $D/decoder0.0/qos_class)
     "#;
     let run = run_script(
         &[
             "--memory=1G".to_string(),
-            "--cpuid-no-hypervisor".to_string(),
             format!(
                 "--cxl-type3=volatile=256M,persistent=512M,backing={}",
                 img.display()
@@ -226,6 +245,7 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
         script,
     );
     run.expect_status(0);
+    assert!(run.stdout.contains("hypervisor-hidden"), "{}", run.stdout);
     assert!(
         run.stdout.contains("\"type\":\"ram\"") && run.stdout.contains("\"type\":\"pmem\""),
         "{}",
@@ -247,6 +267,22 @@ fn kernel_driven_region_commit_with_the_hypervisor_hidden() {
         run.stdout
     );
     assert!(run.stdout.contains("written"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("warnings 0"),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    // Header + per partition one DSMAS and four DSLBIS: 16 + 2 × 120 bytes, summing to 0.
+    assert!(run.stdout.lines().any(|l| l == "1e98:02"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("cdat-bytes 256 checksum 0"),
+        "{}",
+        run.stdout
+    );
+    // Issue 11, acceptance 6.
+    assert!(run.stdout.contains("qos-mismatches 0"), "{}", run.stdout);
+    assert!(run.stdout.contains("qos-classes 0 0 0"), "{}", run.stdout);
 }
 
 /// The pattern word `memio fill` writes at byte offset `off` of the mapping for `seed`
@@ -363,7 +399,8 @@ fn devdax_writes_through_mmap_land_in_the_device_memory() {
 #[test]
 fn hmat_reports_dram_and_cxl_access_performance_per_node() {
     // The VMM's HMAT (vmm/src/acpi/hmat.rs) states, from the CPUs' node 0, ~100 ns / 20000 MB/s for
-    // RAM (node 0) and ~250 ns / 16000 MB/s for the CXL window (node 1, a CXL 2.0 x8 expander).
+    // RAM (node 0) and ~250 ns / 16000 MB/s for the CXL window (node 1, a CXL 2.0 x8 expander),
+    // and the endpoint's CDAT repeats the latter.
     // Linux shows a node's access0 attributes once it has memory online: --cxl-precommit brings
     // the region up as System RAM at boot.
     let img = scratch("hmat.img");
@@ -397,7 +434,18 @@ fn hmat_reports_dram_and_cxl_access_performance_per_node() {
     // Node 0's CPUs are the best (only) initiator of both nodes.
     assert!(out.contains("node0-initiators node0 "), "{out}");
     assert!(out.contains("node1-initiators node0 "), "{out}");
-    for (node, latency_ns, bandwidth_mbps) in [(0, 100, 20_000), (1, 250, 16_000)] {
+    // Node 1's figures are not the HMAT's memory-target entry (250 ns): once cxl_acpi/cxl_pci
+    // attach the firmware-committed region, `cxl_region_update_coordinates` replaces them with
+    // the CXL path's sum — the host bridge's Generic Port entry (100 ns, 20000 MB/s), the
+    // endpoint's CDAT DSLBIS (250 ns, 16000 MB/s) and the root port's link latency, which 7.2's
+    // `cxl_pci_get_latency` computes in picoseconds (68-byte flit / 32 GT/s = 17000) and adds to
+    // the nanosecond figures as they are (drivers/cxl/core/port.c `add_latency`). Bandwidth is
+    // the path's minimum. The sum is the kernel's to own; the test pins every term we supply.
+    const GENERIC_PORT_NS: u64 = 100;
+    const CDAT_NS: u64 = 250;
+    const LINK_32GT_FLIT68_PS: u64 = 68 * 1_000_000 / (32_000 / 8);
+    let cxl_node_latency = GENERIC_PORT_NS + CDAT_NS + LINK_32GT_FLIT68_PS;
+    for (node, latency_ns, bandwidth_mbps) in [(0, 100, 20_000), (1, cxl_node_latency, 16_000)] {
         for (attr, want) in [
             ("read_latency", latency_ns),
             ("write_latency", latency_ns),

@@ -38,7 +38,6 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
     // The guest waits for each fault to appear through its own tools, printing a marker per
     // phase so the test knows when to inject the next one.
     let script = r#"
-        mount -t tracefs none /sys/kernel/tracing 2>/dev/null
         echo 1 > /sys/kernel/tracing/events/cxl/enable
         echo "phase:tracing"
         wait_until() { # wait_until SECONDS COMMAND...
@@ -59,6 +58,15 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
         cleared() { ! cxl list -L -m mem0 | grep -q '"offset"'; }
         wait_until 120 cleared
         echo "phase:cleared"
+        # RAS through AER: the root port's AER service is bound (`_OSC` grants AER).
+        ls /sys/bus/pci_express/devices/ | sed 's/^/pcie-service /'
+        echo "phase:ras-ready"
+        wait_until 120 traced cxl_aer_correctable_error
+        echo "phase:ras-cor"
+        wait_until 120 traced cxl_aer_uncorrectable_error
+        grep cxl_aer /sys/kernel/tracing/trace
+        dmesg | grep -iE "aer|cxl_pci|error" | tail -20
+        echo "still up"
     "#;
     let mut guest = RunningGuest::start(
         scratch("ctl-console.log"),
@@ -134,6 +142,28 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
     ctl_ok(&sock, &["clear-poison", "--dpa=0x40000", "--length=256"]);
     guest.wait_for("phase:cleared");
 
+    // Issue 11 acceptance 5: RAS errors through the QMP names, signalled through AER.
+    guest.wait_for("phase:ras-ready");
+    let cor = ctl_ok(
+        &sock,
+        &["cxl-inject-correctable-error", "--type=mem-data-ecc"],
+    );
+    assert!(
+        cor.contains("\"message\": \"ERR_COR\"") && cor.contains("\"aer_interrupt\": true"),
+        "{cor}"
+    );
+    guest.wait_for("phase:ras-cor");
+    let uncor = ctl_ok(
+        &sock,
+        &[
+            "cxl-inject-uncorrectable-errors",
+            "--type=mem-data-ecc",
+            "--type=internal",
+            "--header=0xcafe,0xf00d",
+        ],
+    );
+    assert!(uncor.contains("\"aer_interrupt\": true"), "{uncor}");
+
     let (status, out, _) = guest.finish();
     assert_eq!(status, Some(0), "{out}");
     assert!(out.contains("\"offset\":\"0x40000\""), "{out}");
@@ -158,6 +188,30 @@ fn poison_and_events_injected_through_the_control_api_reach_the_guest() {
         out.contains("cxl_memory_module: memdev=mem0") && out.contains("log=Fatal"),
         "{out}"
     );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("pcie-service ") && l.ends_with(":pcie002")),
+        "no AER port service: {out}"
+    );
+    // cxl_cor_error_detected: Mem_Data_ECC is bit 1 of the Correctable Error Status.
+    assert!(
+        out.contains("cxl_aer_correctable_error: memdev=mem0")
+            && out.contains("status: 'Memory Data ECC Error'"),
+        "{out}"
+    );
+    // cxl_error_detected: both bits (Internal is "Component Specific Error" to the kernel),
+    // the first error pointing at Mem_Data_ECC; the AER core saw ERR_FATAL from the device.
+    assert!(
+        out.contains("cxl_aer_uncorrectable_error: memdev=mem0")
+            && out.contains("status: 'Memory Data ECC Error | Component Specific Error'")
+            && out.contains("first_error: 'Memory Data ECC Error'"),
+        "{out}"
+    );
+    assert!(
+        out.contains("AER: Uncorrectable (Fatal) error message received from"),
+        "{out}"
+    );
+    assert!(out.contains("still up"), "{out}");
     // The socket is gone once the VM is.
     assert!(!sock.exists(), "control socket left behind");
 }

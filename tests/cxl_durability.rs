@@ -337,7 +337,13 @@ fn crash_loop_of_sigkills_mid_write_loses_no_synced_file() {
         g.signal(libc::SIGKILL);
         let (status, stdout, _) = g.finish();
         assert_eq!(status, None, "run {run} should have been killed:\n{stdout}");
-        let lines: Vec<String> = stdout.lines().map(String::from).collect();
+        // Only whole lines: the kill may have cut the last one (a `SYNCED` line cut inside its
+        // name would name another file).
+        let lines: Vec<String> = stdout
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
+            .map(String::from)
+            .collect();
         let synced = synced_files(&lines);
         eprintln!(
             "run {run}: killed {delay} ms after the first sync, {} file(s) synced",

@@ -86,7 +86,6 @@ fn summary<'a>(lines: &[&'a str], what: &str) -> &'a str {
 /// injections one by one, each with a handshake: the guest prints `INJECT-…`, the host
 /// injects, the guest repeats a small run until it sees the effect.
 const ANON_SCRIPT: &str = r#"
-mount -t tracefs none /sys/kernel/tracing 2>/dev/null
 T=/sys/kernel/tracing
 prq() { awk '/dmar0-prq/ {print $2}' /proc/interrupts; }
 echo "== first-touch"
@@ -352,7 +351,6 @@ fn sva_anonymous_memory_munmap_remap_64_processes_and_injected_faults() {
 /// one fsdax namespace carries ext4 mounted without DAX (page cache), the other XFS mounted
 /// with `-o dax` (the CPU and the device write the CXL memory itself).
 const FILE_SCRIPT: &str = r#"
-mount -t tracefs none /sys/kernel/tracing 2>/dev/null
 T=/sys/kernel/tracing
 blockdev() { sed -n 's/.*"blockdev":"\([^"]*\)".*/\1/p'; }
 echo "== namespaces"

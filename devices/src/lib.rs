@@ -5,4 +5,6 @@ pub mod cxl;
 pub mod ioat;
 pub mod legacy;
 pub mod pci;
+pub mod pvrdma;
 pub mod sva_engine;
+pub mod vmxnet3;

@@ -12,7 +12,11 @@
 //!   guest accesses;
 //! - [`ioat`]: the emulated I/OAT DMA engine's registers and descriptor chains;
 //! - [`sva_engine`]: the SVA DMA engine's registers, rings, descriptors and the IOMMU's page
-//!   group responses and device-TLB invalidations.
+//!   group responses and device-TLB invalidations;
+//! - [`pvrdma`]: the PVRDMA function's command channel (every command, any field values),
+//!   registers, UAR doorbells and port changes;
+//! - [`vmxnet3`]: the vmxnet3 NIC's registers, commands, Tx rings and descriptors, and frames
+//!   arriving from the wire.
 //!
 //! The same `run` functions serve the libFuzzer targets (`fuzz_targets/`), the stable replay test
 //! (`tests/replay.rs`, over `corpus/`), and the replay binaries (`cargo run --bin TARGET -- FILE`).
@@ -24,8 +28,10 @@ pub mod dma;
 pub mod ioat;
 pub mod pci;
 pub mod pio;
+pub mod pvrdma;
 pub mod seeds;
 pub mod sva_engine;
+pub mod vmxnet3;
 pub mod vtd;
 
 /// Most operations decoded from one input; longer inputs are truncated (keeps runs short).

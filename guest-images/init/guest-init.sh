@@ -45,6 +45,51 @@ load_modules() {
 load_modules /etc/vmm/modules
 load_modules /vmm/modules
 
+# Drivers the image carries but loads only for their device (no udev here): the PVRDMA function
+# of `vmm run --rdma-nic` (15ad:0820) gets vmw_pvrdma and the user-space verbs and RDMA CM
+# interfaces rdma-core needs.
+for dev in /sys/bus/pci/devices/*; do
+	[ "$(cat "$dev/vendor" 2>/dev/null):$(cat "$dev/device" 2>/dev/null)" = "0x15ad:0x0820" ] || continue
+	for mod in vmw_pvrdma ib_uverbs rdma_ucm; do
+		modprobe "$mod" </dev/null || say "modprobe $mod failed"
+	done
+	break
+done
+
+# Where systemd mounts them, so trace events, the kernel's debugfs knobs (CXL poison, ...) and
+# configfs need no manual step (configfs is a module, loaded above from /etc/vmm/modules).
+mount -t debugfs -o nosuid,nodev,noexec debugfs /sys/kernel/debug || say "cannot mount debugfs"
+mount -t tracefs -o nosuid,nodev,noexec tracefs /sys/kernel/tracing || say "cannot mount tracefs"
+mount -t configfs -o nosuid,nodev,noexec configfs /sys/kernel/config || say "cannot mount configfs"
+# The loopback interface is up, as on a distribution.
+ip link set lo up || say "cannot bring lo up"
+
+# configure_nic MAC ADDR/PREFIX: bring the interface with that MAC up with that address
+# (`vmm run --nic ...,ip=ADDR/PREFIX` passes vmm.nic=MAC,ADDR/PREFIX on the kernel command line).
+configure_nic() {
+	tries=0
+	while [ "$tries" -lt 20 ]; do
+		for dev in /sys/class/net/*; do
+			[ "$(cat "$dev/address" 2>/dev/null)" = "$1" ] || continue
+			name=${dev##*/}
+			ip link set "$name" up || say "cannot bring $name up"
+			ip addr add "$2" dev "$name" || say "cannot give $name the address $2"
+			return 0
+		done
+		tries=$((tries + 1))
+		sleep 0.1
+	done
+	say "no network interface with MAC $1"
+}
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	vmm.nic=*,*)
+		spec=${arg#vmm.nic=}
+		configure_nic "${spec%%,*}" "${spec#*,}"
+		;;
+	esac
+done
+
 # outb PORT VALUE: write the byte VALUE (0-255) to I/O port PORT.
 outb() {
 	# shellcheck disable=SC2059 # the format is the octal escape of the byte

@@ -77,7 +77,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 # The image's list (/etc/vmm/modules, from guest-images/images.conf) or the built-in one.
 release=$(uname -r)
 moddir=/lib/modules/$release
-modules="irqbypass ccp kvm kvm-amd netfs 9pnet 9pnet_virtio 9p"
+modules="irqbypass ccp kvm kvm-amd netfs 9pnet 9pnet_virtio 9p virtio_net"
 [ -s /etc/vmm/modules ] && modules=$(cat /etc/vmm/modules)
 for m in $modules; do
 	name=$(echo "$m" | tr - _)
@@ -121,6 +121,15 @@ mount -t tmpfs -o mode=755 tmpfs "$HOST/run" || fail "cannot mount a tmpfs on /r
 mkdir -p "$HOST/run/vmm"
 mount -o bind "$RUN" "$HOST/run/vmm" || fail "cannot bind the run directory into the chroot"
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+# The user-mode network of `vmm run --nic` (host.rs user_network_args): slirp's fixed addresses,
+# its gateway 10.0.2.2 being the outer machine's loopback.
+for dev in /sys/class/net/*; do
+	name=${dev##*/}
+	[ "$name" = lo ] && continue
+	ip addr add 10.0.2.15/24 dev "$name" && ip link set "$name" up &&
+		ip route add default via 10.0.2.2 dev "$name" || msg "cannot configure $name"
+	break
+done
 hostname vmm-host
 stamp "file systems mounted"
 

@@ -6,13 +6,15 @@
 #
 # Environment: ROOT (build root), SRC (kernel source tree, partial), WORK (scratch directory),
 # OUT (results: <module>.ko, <selftest>, <program>), SUPPORT (selftest-compat.{c,h}), KREL
-# (kernel release), MODULES (source files relative to SRC), SELFTESTS (<suite>/<test> under
+# (kernel release), MODULES (source files, or driver directories ending in /, relative to
+# SRC), SELFTESTS (<suite>/<test> under
 # tools/testing/selftests), PROGRAMS (names of PROGRAM_DIR/<name>.c), JOBS. SRC is empty when
 # only PROGRAMS are built, and KREL may then be another kernel's (a 6.12 image compiling its
 # programs with the 7.2 build root).
 #
 # Reproducibility: nothing here depends on the directory names (-ffile-prefix-map maps ROOT,
-# SRC and WORK away; modules are stripped of debug info), the date or the locale.
+# SRC and WORK away; modules are built with ROOT mounted at a fixed path, see below, and stripped
+# of debug info), the date or the locale.
 set -eu
 export LC_ALL=C TZ=UTC SOURCE_DATE_EPOCH=0 KBUILD_BUILD_TIMESTAMP=@0
 export KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=vmm
@@ -46,22 +48,64 @@ if [ "$have" != "$cc_text" ]; then
 fi
 CROSS=${CC%gcc*}
 
-# The headers' Makefile includes the common headers by their installed path.
-[ -z "$MODULES" ] || sed -i "s| /usr/src/| $ROOT/usr/src/|g; s|=/usr/src/|=$ROOT/usr/src/|g" "$HDR/Makefile"
-
 MAP="-ffile-prefix-map=$ROOT= -ffile-prefix-map=$SRC=linux-source -ffile-prefix-map=$WORK=build"
 mkdir -p "$OUT"
 
-for m in $MODULES; do
-    name=$(basename "$m" .c)
-    dir="$WORK/module-$name"
-    mkdir -p "$dir"
-    cp "$SRC/$m" "$dir/"
-    echo "obj-m := $name.o" > "$dir/Kbuild"
-    echo "building $name.ko" >&2
-    make -s -j"$JOBS" -C "$HDR" M="$dir" KCFLAGS="$MAP" modules
-    "${CROSS}strip" --strip-debug -o "$OUT/$name.ko" "$dir/$name.ko"
-done
+# build_modules HEADERS: every module of MODULES, against the kernel headers at HEADERS.
+build_modules() {
+    for m in $MODULES; do
+        case "$m" in
+        */)
+            # A driver directory: built by its own Makefile, with every CONFIG_ symbol its obj-
+            # lines name set to m (Debian leaves them unset); the module is named after it.
+            name=$(basename "$m")
+            dir="$WORK/module-$name"
+            mkdir -p "$dir"
+            cp -R "$SRC/$m." "$dir/"
+            configs=$(sed -n 's/.*obj-\$(\(CONFIG_[A-Za-z0-9_]*\)).*/\1=m/p' "$dir/Makefile" | sort -u)
+            ;;
+        *)
+            name=$(basename "$m" .c)
+            dir="$WORK/module-$name"
+            mkdir -p "$dir"
+            cp "$SRC/$m" "$dir/"
+            echo "obj-m := $name.o" > "$dir/Kbuild"
+            configs=
+            ;;
+        esac
+        echo "building $name.ko" >&2
+        # shellcheck disable=SC2086 # one word per CONFIG_X=m
+        make -s -j"$JOBS" -C "$1" M="$dir" KCFLAGS="$MAP" $configs modules
+        "${CROSS}strip" --strip-debug -o "$OUT/$name.ko" "$dir/$name.ko"
+    done
+}
+
+# Modules are compiled with the build root bind-mounted on /usr/src in a private mount namespace
+# (this script again, with the argument modules-in-namespace), so the headers sit at the same
+# path, /usr/src/usr/src/linux-headers-*, in every build. kbuild names every header by its
+# absolute path, and the kernel's UBSAN records (CONFIG_UBSAN_BOUNDS, _SHIFT) keep that path in
+# the module where gcc's prefix maps do not reach: through the build root's own path a module's
+# bytes would depend on the directory it was built in.
+# build_in ROOT_PATH: the headers' Makefile includes the common headers by their installed path.
+build_in() {
+    sed -i "s| /usr/src/| $1/usr/src/|g; s|=/usr/src/|=$1/usr/src/|g" "$HDR/Makefile"
+    MAP="$MAP -ffile-prefix-map=$1="
+    build_modules "$1/usr/src/linux-headers-$KREL"
+}
+if [ "${1:-}" = modules-in-namespace ]; then
+    mount --bind "$ROOT" /usr/src
+    build_in /usr/src
+    exit 0
+fi
+if [ -n "$MODULES" ]; then
+    if [ -d /usr/src ] && unshare --user --map-root-user --mount true 2>/dev/null; then
+        unshare --user --map-root-user --mount sh "$0" modules-in-namespace
+    else
+        echo "warning: no private mount namespace here (unshare --user --mount failed):" \
+            "building modules through the build root's own path; their bytes depend on it" >&2
+        build_in "$ROOT"
+    fi
+fi
 
 # Selftests: static programs (the guest's glibc is older than the build root's), compiled like
 # the suite's Makefile does (its lib/ sources included) against the build root's libc and the

@@ -340,8 +340,10 @@ pub(crate) fn build(
     Ok(outputs)
 }
 
-/// `drivers/dma/dmatest.c` → `dmatest`.
+/// `drivers/dma/dmatest.c` → `dmatest`; a driver directory `drivers/infiniband/hw/vmw_pvrdma/`
+/// → `vmw_pvrdma` (the module its Makefile builds is named after it).
 pub(crate) fn module_name(source: &str) -> String {
+    let source = source.strip_suffix('/').unwrap_or(source);
     let file = source.rsplit('/').next().unwrap_or(source);
     file.strip_suffix(".c").unwrap_or(file).to_string()
 }
@@ -466,6 +468,10 @@ mod tests {
             Some("drivers/dma/dmatest.c")
         );
         assert_eq!(module_name("drivers/dma/dmatest.c"), "dmatest");
+        assert_eq!(
+            module_name("drivers/infiniband/hw/vmw_pvrdma/"),
+            "vmw_pvrdma"
+        );
     }
 
     /// A minimal ELF64 header with one program header of type `ptype`.

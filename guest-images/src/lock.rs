@@ -22,7 +22,7 @@
 //! profiles, `host` for the nested-KVM host) with `init = <script in init/>` and any number of
 //! `module = <name> [<name>...]` lines (kernel modules loaded at boot; dependencies are added
 //! automatically), `extra-module =` (carried, loaded on request), `build-root = <set>` with
-//! `build-module = <source.c>` / `build-selftest = <suite>/<test>` (compiled from the kernel
+//! `build-module = <source.c | driver-dir/>` / `build-selftest = <suite>/<test>` (compiled from the kernel
 //! source by the lock's packages of that set), `build-program = <name>` (our own C program
 //! `programs/<name>.c`, compiled static by that set's compiler) and
 //! `program = <guest-bin script>`.
@@ -388,9 +388,16 @@ pub fn parse_images_conf(text: &str) -> Result<Vec<ImageSpec>, Error> {
             }
             "build-module" => {
                 for m in value.split_whitespace() {
-                    if !valid_rel_path(m) || !m.ends_with(".c") {
+                    // A source file (one-file module), or a driver directory ending in `/`
+                    // built with its own Makefile (module = the directory's name).
+                    let ok = match m.strip_suffix('/') {
+                        Some(dir) => valid_rel_path(dir),
+                        None => valid_rel_path(m) && m.ends_with(".c"),
+                    };
+                    if !ok {
                         return Err(err(format!(
-                            "`{m}` is not a kernel source file like drivers/dma/dmatest.c"
+                            "`{m}` is not a kernel source file like drivers/dma/dmatest.c or a \
+                             driver directory like drivers/infiniband/hw/vmw_pvrdma/"
                         )));
                     }
                     spec.build_modules.push(m.to_string());
@@ -528,7 +535,8 @@ mod tests {
     fn images_conf_build_keys() {
         let specs = parse_images_conf(
             "[g]\ninit = i\nextra-module = vfio-pci vfio_iommu_type1\nbuild-root = kb-1\n\
-             build-module = drivers/dma/dmatest.c\nbuild-selftest = vfio/a_test vfio/b\n\
+             build-module = drivers/dma/dmatest.c drivers/infiniband/hw/vmw_pvrdma/\n\
+             build-selftest = vfio/a_test vfio/b\n\
              program = tool\nbuild-program = sva-test\n",
         )
         .unwrap();
@@ -536,7 +544,10 @@ mod tests {
         assert!(g.modules.is_empty());
         assert_eq!(g.extra_modules, ["vfio-pci", "vfio_iommu_type1"]);
         assert_eq!(g.build_root.as_deref(), Some("kb-1"));
-        assert_eq!(g.build_modules, ["drivers/dma/dmatest.c"]);
+        assert_eq!(
+            g.build_modules,
+            ["drivers/dma/dmatest.c", "drivers/infiniband/hw/vmw_pvrdma/"]
+        );
         assert_eq!(g.build_selftests, ["vfio/a_test", "vfio/b"]);
         assert_eq!(g.programs, ["tool"]);
         assert_eq!(g.build_programs, ["sva-test"]);
@@ -550,6 +561,8 @@ mod tests {
         for bad in [
             "build-module = ../x.c",
             "build-module = drivers/dma/dmatest.h",
+            "build-module = drivers//x/",
+            "build-module = /",
             "build-selftest = vfio",
             "build-selftest = a/b/c",
             "program = a/b",

@@ -120,6 +120,29 @@ where
     run
 }
 
+/// Boots two guests at once, each its own `vmm` with its own `args` (two VMs talking to each
+/// other); serialised with other guest boots. Each run is limited to 20 minutes.
+pub fn guests_side_by_side(a: Vec<std::ffi::OsString>, b: Vec<std::ffi::OsString>) -> (Run, Run) {
+    let _serial = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let spawn = |args: Vec<std::ffi::OsString>| {
+        std::thread::spawn(move || {
+            let mut cmd = Command::new(VMM);
+            cmd.args(args);
+            run_with_limit(cmd, None, Duration::from_secs(20 * 60))
+        })
+    };
+    let (ta, tb) = (spawn(a), spawn(b));
+    let (ra, rb) = (ta.join().expect("guest A"), tb.join().expect("guest B"));
+    for (name, run) in [("A", &ra), ("B", &rb)] {
+        eprintln!(
+            "guest {name} took {:.1} s; stderr:\n{}",
+            run.elapsed.as_secs_f64(),
+            run.stderr
+        );
+    }
+    (ra, rb)
+}
+
 /// The default guest image (built on first use), for tests that need its paths or release.
 pub fn default_image() -> guest_images::GuestImage {
     let store = guest_images::ImageStore::from_env().expect("image cache");
@@ -191,6 +214,8 @@ pub struct RunningGuest {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// What stdout ended with after its last newline (a line cut short by the end of the run).
+    unterminated: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
     /// The guest kernel console (`--console-log`), shown when a wait fails.
@@ -213,9 +238,26 @@ impl RunningGuest {
             .expect("spawning vmm run");
         let stdout = child.stdout.take().expect("stdout pipe");
         let (tx, lines) = mpsc::channel();
+        let unterminated = Arc::new(Mutex::new(String::new()));
+        let tail = unterminated.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
+            // Only newline-terminated lines are lines: a SIGKILL can cut the last one short
+            // (`SYNCED <sha> r4-32` read as `… r4-3`), and a cut line must not pass for a
+            // whole one. The fragment is kept apart for `finish`.
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let Some(line) = text.strip_suffix('\n') else {
+                    *tail.lock().unwrap_or_else(|e| e.into_inner()) = text;
+                    break;
+                };
+                let line = line.strip_suffix('\r').unwrap_or(line).to_string();
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -241,6 +283,7 @@ impl RunningGuest {
             child,
             lines,
             seen: Vec::new(),
+            unterminated,
             stderr,
             stderr_thread: Some(stderr_thread),
             console_log,
@@ -259,11 +302,13 @@ impl RunningGuest {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// Waits (at most 300 s) for a stdout line containing `marker` and returns it; panics with
+    /// Waits (at most 600 s of silence: one phase of the SVA tests — 16384 page requests under
+    /// nested TCG — can take minutes when two guests share the 2 CPUs) for a stdout line
+    /// containing `marker` and returns it; panics with
     /// what was printed and the guest console's last lines if the guest ends or takes too long.
     pub fn wait_for(&mut self, marker: &str) -> String {
         loop {
-            match self.lines.recv_timeout(Duration::from_secs(300)) {
+            match self.lines.recv_timeout(Duration::from_secs(600)) {
                 Ok(line) => {
                     let hit = line.contains(marker);
                     self.seen.push(line.clone());
@@ -297,7 +342,8 @@ impl RunningGuest {
     }
 
     /// Waits (at most 600 s) for the VMM to exit; returns its status (`None`: killed by a
-    /// signal), the whole stdout and the whole stderr.
+    /// signal), the whole stdout (every complete line ends in a newline; a line the end of the
+    /// run cut short comes last, without one) and the whole stderr.
     pub fn finish(mut self) -> (Option<i32>, String, String) {
         let deadline = Instant::now() + Duration::from_secs(600);
         let status = loop {
@@ -321,6 +367,8 @@ impl RunningGuest {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        (status.code(), self.seen.join("\n"), stderr)
+        let mut stdout: String = self.seen.iter().map(|l| format!("{l}\n")).collect();
+        stdout.push_str(&self.unterminated.lock().unwrap_or_else(|e| e.into_inner()));
+        (status.code(), stdout, stderr)
     }
 }

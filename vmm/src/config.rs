@@ -75,9 +75,84 @@ pub fn validate_cpus(cpus: u32) -> Result<u32, ConfigError> {
     Ok(cpus)
 }
 
+/// Checks a device's `id=` value (names it in logs and the control API): letters, digits, `-`
+/// and `_`; the error is the reason, for the caller's one-line message.
+pub fn check_device_id(value: &str) -> Result<(), String> {
+    if value.is_empty()
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!("id={value}: use letters, digits, '-' and '_'"));
+    }
+    Ok(())
+}
+
+/// Parses every value of a repeatable device flag (`--FLAG`) with `parse(value, index)`,
+/// refusing more than `max` devices and an id used twice.
+pub fn parse_device_specs<T>(
+    flag: &str,
+    specs: &[String],
+    max: usize,
+    parse: impl Fn(&str, usize) -> Result<T, String>,
+    id: impl Fn(&T) -> &str,
+) -> Result<Vec<T>, String> {
+    if specs.len() > max {
+        return Err(format!(
+            "too many --{flag} functions ({}): at most {max}",
+            specs.len()
+        ));
+    }
+    let parsed = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse(s, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in parsed.iter().enumerate() {
+        if parsed[..i].iter().any(|b| id(b) == id(a)) {
+            return Err(format!("--{flag} id '{}' is used twice", id(a)));
+        }
+    }
+    Ok(parsed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_ids_and_repeated_device_flags() {
+        assert_eq!(check_device_id("nic-0_a"), Ok(()));
+        for bad in ["", "a b", "a,b", "é"] {
+            assert!(
+                check_device_id(bad)
+                    .unwrap_err()
+                    .starts_with(&format!("id={bad}:"))
+            );
+        }
+        let parse = |s: &str, i: usize| -> Result<String, String> {
+            if s == "bad" {
+                return Err("bad spec".into());
+            }
+            Ok(if s.is_empty() {
+                format!("d{i}")
+            } else {
+                s.to_string()
+            })
+        };
+        let specs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let all = |v: &[&str]| parse_device_specs("dev", &specs(v), 3, parse, |s| s);
+        assert_eq!(all(&["", "", "x"]), Ok(specs(&["d0", "d1", "x"])));
+        assert_eq!(all(&["", "bad"]), Err("bad spec".into()));
+        assert_eq!(
+            all(&["a", "", "a"]),
+            Err("--dev id 'a' is used twice".into())
+        );
+        assert_eq!(
+            all(&["", "", "", ""]),
+            Err("too many --dev functions (4): at most 3".into())
+        );
+    }
 
     #[test]
     fn sizes_with_suffixes() {

@@ -208,6 +208,34 @@ enum CtlRequest {
         #[arg(long, value_parser = number)]
         corrected_persistent_errors: Option<u64>,
     },
+    /// Log uncorrectable CXL RAS errors in a device and signal them through AER (ERR_FATAL or
+    /// ERR_NONFATAL by the AER severity, to its root port), like QMP
+    /// cxl-inject-uncorrectable-errors; the guest's cxl_pci traces cxl_aer_uncorrectable_error.
+    #[command(visible_aliases = ["cxl-inject-uncorrectable-errors", "inject-uncorrectable-error"])]
+    InjectUncorrectableErrors {
+        #[arg(long, default_value = "cxl0")]
+        device: String,
+        /// Error type (repeatable; default mem-data-ecc): cache-data-parity,
+        /// cache-address-parity, cache-be-parity, cache-data-ecc, mem-data-parity,
+        /// mem-address-parity, mem-be-parity, mem-data-ecc, reinit-threshold, rsvd-encoding,
+        /// poison-received, receiver-overflow, internal, cxl-ide-tx, cxl-ide-rx.
+        #[arg(long = "type", value_name = "TYPE", default_value = "mem-data-ecc")]
+        types: Vec<String>,
+        /// Header log of the first error: up to 16 DWORDs, comma-separated (decimal or 0x).
+        #[arg(long, value_delimiter = ',', value_parser = number)]
+        header: Vec<u64>,
+    },
+    /// Log a correctable CXL RAS error in a device and signal it through AER (ERR_COR), like
+    /// QMP cxl-inject-correctable-error; the guest traces cxl_aer_correctable_error.
+    #[command(visible_aliases = ["cxl-inject-correctable-error", "inject-correctable-errors"])]
+    InjectCorrectableError {
+        #[arg(long, default_value = "cxl0")]
+        device: String,
+        /// Error type (default mem-data-ecc): cache-data-ecc, mem-data-ecc, crc-threshold,
+        /// retry-threshold, cache-poison-received, mem-poison-received, physical.
+        #[arg(long = "type", value_name = "TYPE", default_value = "mem-data-ecc")]
+        error_type: String,
+    },
     /// Report the VT-d unit's state (`--iommu vtd`): mode, enabled features, devices with a
     /// context, counters, pending fault injections.
     #[command(name = "iommu-state", visible_alias = "iommu")]
@@ -254,6 +282,20 @@ enum CtlRequest {
     /// requests and responses by code.
     #[command(name = "dma-engine-state", visible_alias = "dma-engine")]
     DmaEngineState,
+    /// Report the NICs (`--nic`): MAC, link, whether the driver activated it, frames and bytes
+    /// each way, drops by cause, the fabric's datagrams.
+    #[command(name = "nic-state", visible_alias = "nic")]
+    NicState,
+    /// Set a NIC's link down or up; the guest's driver sees the link event.
+    #[command(name = "nic-link")]
+    NicLink {
+        /// The NIC's id (`--nic id=...`; default nic0, nic1, ...).
+        #[arg(long, default_value = "nic0")]
+        id: String,
+        /// The new link state.
+        #[arg(value_parser = ["up", "down"])]
+        state: String,
+    },
     /// Send one raw JSON request (see `docs/control-api.md`).
     Raw {
         /// The request object, e.g. '{"command":"query-devices"}'.
@@ -285,8 +327,39 @@ impl CtlRequest {
             }
             CtlRequest::IoatState => json!({"command": "ioat-state"}),
             CtlRequest::DmaEngineState => json!({"command": "dma-engine-state"}),
+            CtlRequest::NicState => json!({"command": "nic-state"}),
+            CtlRequest::NicLink { id, state } => {
+                json!({"command": "nic-link", "id": id, "state": state})
+            }
             CtlRequest::State { device } => json!({"command": "cxl-state", "device": device}),
             CtlRequest::InjectPoison(r) => r.request("cxl-inject-poison"),
+            CtlRequest::InjectUncorrectableErrors {
+                device,
+                types,
+                header,
+            } => {
+                if header.len() > 16 {
+                    return Err(format!(
+                        "--header has {} DWORDs: the RAS header log holds at most 16",
+                        header.len()
+                    ));
+                }
+                if let Some(big) = header.iter().find(|&&d| d > u64::from(u32::MAX)) {
+                    return Err(format!("--header value {big:#x} does not fit a DWORD"));
+                }
+                let errors: Vec<Value> = types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let h: &[u64] = if i == 0 { header } else { &[] };
+                        json!({"type": t, "header": h})
+                    })
+                    .collect();
+                json!({"command": "cxl-inject-uncorrectable-errors", "device": device, "errors": errors})
+            }
+            CtlRequest::InjectCorrectableError { device, error_type } => json!({
+                "command": "cxl-inject-correctable-error", "device": device, "type": error_type
+            }),
             CtlRequest::ClearPoison(r) => r.request("cxl-clear-poison"),
             CtlRequest::InjectGeneralMedia {
                 event,
@@ -421,6 +494,57 @@ mod tests {
         )
         .map_err(|e| e.to_string())?;
         cli.ctl.request.to_json()
+    }
+
+    #[test]
+    fn ras_injections_take_qmp_names_and_check_the_header() {
+        assert_eq!(
+            parse(&[
+                "cxl-inject-uncorrectable-errors",
+                "--device",
+                "mem0",
+                "--type",
+                "mem-data-ecc",
+                "--type",
+                "internal",
+                "--header",
+                "0x1,2"
+            ])
+            .unwrap(),
+            json!({"command": "cxl-inject-uncorrectable-errors", "device": "mem0", "errors": [
+                {"type": "mem-data-ecc", "header": [1, 2]}, {"type": "internal", "header": []}
+            ]})
+        );
+        assert_eq!(
+            parse(&["inject-correctable-error", "--type", "physical"]).unwrap(),
+            json!({"command": "cxl-inject-correctable-error", "device": "cxl0", "type": "physical"})
+        );
+        let long: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+        let long = long.join(",");
+        let e = parse(&[
+            "inject-uncorrectable-errors",
+            "--type",
+            "internal",
+            "--header",
+            &long,
+        ])
+        .unwrap_err();
+        assert!(e.contains("at most 16"), "{e}");
+        let e = parse(&[
+            "inject-uncorrectable-errors",
+            "--type",
+            "internal",
+            "--header",
+            "0x100000000",
+        ])
+        .unwrap_err();
+        assert!(e.contains("0x100000000"), "{e}");
+        assert_eq!(
+            parse(&["inject-uncorrectable-errors"]).unwrap(),
+            json!({"command": "cxl-inject-uncorrectable-errors", "device": "cxl0", "errors": [
+                {"type": "mem-data-ecc", "header": []}
+            ]})
+        );
     }
 
     #[test]

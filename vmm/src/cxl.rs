@@ -515,7 +515,7 @@ impl HdmListener for MemoryMapper {
     }
 }
 
-/// The CXL machine: one host bridge (`\_SB.PCI0`, UID 0, CHBCR at `CXL_CHBCR_START`), one CXL
+/// The CXL machine: one host bridge (`\_SB.PCI0`, UID [`acpi::CXL_HOST_BRIDGE_UID`], CHBCR at `CXL_CHBCR_START`), one CXL
 /// root port per Type 3 device on bus 0, one fixed memory window at `CXL_WINDOW_START` covering
 /// every device's capacity (volatile and persistent allowed).
 pub struct CxlTopology {
@@ -547,6 +547,8 @@ pub struct CxlDeviceHandles {
     pub spec: CxlType3Spec,
     pub port_number: u8,
     pub device: Arc<Mutex<devices::cxl::CxlType3Device>>,
+    /// The CXL root port above it (receives its AER error messages).
+    pub root_port: Arc<Mutex<devices::cxl::root_port::CxlRootPort>>,
     /// The device's command set and state, shared with the register model (control API).
     pub memdev: devices::cxl::memdev::SharedMemdev,
 }
@@ -685,12 +687,14 @@ pub fn build_topology(
         let (function, device) = devices::pci::SharedFunction::new(device);
         let port = CxlRootPort::new(devices::pci::RootPortConfig::cxl(port_number), msi.clone())
             .map_err(|e| e.to_string())?;
+        let (port, root_port) = devices::pci::SharedFunction::new(port);
         platform.add_behind_root_port(device_number, Box::new(port), Box::new(function))?;
         ports.push(port_number);
         handles.push(CxlDeviceHandles {
             spec: spec.clone(),
             port_number,
             device,
+            root_port,
             memdev: SharedMemdev(memdev),
         });
     }

@@ -63,6 +63,30 @@ use thiserror::Error;
 pub const NESTED_MARKER_ENV: &str = "VMM_NESTED_HOST";
 /// The project's cache directory (images, run directories); passed into the host unchanged.
 pub const CACHE_DIR_ENV: &str = "VMM_CACHE_DIR";
+/// QEMU arguments for the nested host's user-mode network: a virtio-net NIC on slirp's
+/// 10.0.2.0/24 with each of `forwards` (UDP, on this machine) forwarded to the same port of the
+/// host (10.0.2.15). The host's `/init` configures the interface when it sees one.
+fn user_network_args(forwards: &[std::net::SocketAddr]) -> Vec<OsString> {
+    let mut netdev = String::from("user,id=fabric,net=10.0.2.0/24,host=10.0.2.2");
+    for f in forwards {
+        let ip = match f.ip() {
+            ip if ip.is_unspecified() => String::new(),
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        netdev.push_str(&format!(
+            ",hostfwd=udp:{ip}:{port}-:{port}",
+            port = f.port()
+        ));
+    }
+    vec![
+        "-netdev".into(),
+        netdev.into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=fabric".into(),
+    ]
+}
+
 /// QEMU binary to use instead of `qemu-system-x86_64` from `PATH`.
 pub const QEMU_ENV: &str = "VMM_QEMU";
 /// `1`: show the host kernel console on stderr and keep the run directory.
@@ -118,6 +142,10 @@ pub struct NestedHostOptions {
     /// Files handed to the host as NVDIMMs (slot = index), so the command inside can map them
     /// with its stores landing in this machine's page cache (see `nested_memory`).
     pub shared_files: Vec<crate::nested_memory::SharedFile>,
+    /// UDP addresses of this machine forwarded to the same port inside (the NICs' fabric
+    /// sockets, `vmm run --nic`): the host gets a user-mode network (slirp, 10.0.2.15/24,
+    /// gateway 10.0.2.2 = this machine's loopback) when there are any.
+    pub udp_forwards: Vec<std::net::SocketAddr>,
 }
 
 /// The nested host's serial port that carries the control API (`vmm run --control`).
@@ -135,6 +163,7 @@ impl Default for NestedHostOptions {
             interactive: false,
             control_port: None,
             shared_files: Vec::new(),
+            udp_forwards: Vec::new(),
         }
     }
 }
@@ -480,6 +509,9 @@ impl Plan {
         a.push(run);
         a.push("-device".into());
         a.push("virtio-9p-pci,fsdev=fsrun,mount_tag=vmmrun".into());
+        if !opts.udp_forwards.is_empty() {
+            a.extend(user_network_args(&opts.udp_forwards));
+        }
         a.push("-kernel".into());
         a.push(opts.kernel.clone().into_os_string());
         a.push("-initrd".into());
@@ -1400,6 +1432,26 @@ mod tests {
         fs::write(&log, "a\n\nb\r\nc\nd\n").unwrap();
         assert_eq!(last_lines(&log, 3), "b | c | d");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fabric_ports_are_forwarded_into_the_host_network() {
+        let args = user_network_args(&[
+            "127.0.0.1:7001".parse().unwrap(),
+            "0.0.0.0:7002".parse().unwrap(),
+            "[::1]:7003".parse().unwrap(),
+        ]);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args[0], "-netdev");
+        assert_eq!(
+            args[1],
+            "user,id=fabric,net=10.0.2.0/24,host=10.0.2.2,hostfwd=udp:127.0.0.1:7001-:7001,\
+             hostfwd=udp::7002-:7002,hostfwd=udp:[::1]:7003-:7003"
+        );
+        assert_eq!(args[2..], ["-device", "virtio-net-pci,netdev=fabric"]);
     }
 
     #[test]

@@ -46,13 +46,7 @@ impl IoatSpec {
                 .ok_or_else(|| err(format!("'{part}' is not key=value")))?;
             match key {
                 "id" => {
-                    if value.is_empty()
-                        || !value
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        return Err(err(format!("id={value}: use letters, digits, '-' and '_'")));
-                    }
+                    crate::config::check_device_id(value).map_err(err)?;
                     out.id = value.to_string();
                 }
                 "channels" => {
@@ -74,23 +68,13 @@ impl IoatSpec {
 
     /// Parses every `--ioat` value, refusing duplicate ids and too many functions.
     pub fn parse_all(specs: &[String]) -> Result<Vec<Self>, String> {
-        if specs.len() > MAX_FUNCTIONS {
-            return Err(format!(
-                "too many --ioat functions ({}): at most {MAX_FUNCTIONS}",
-                specs.len()
-            ));
-        }
-        let parsed = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Self::parse(s, i).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        for (i, a) in parsed.iter().enumerate() {
-            if parsed[..i].iter().any(|b| b.id == a.id) {
-                return Err(format!("--ioat id '{}' is used twice", a.id));
-            }
-        }
-        Ok(parsed)
+        crate::config::parse_device_specs(
+            "ioat",
+            specs,
+            MAX_FUNCTIONS,
+            |s, i| Self::parse(s, i).map_err(|e| e.to_string()),
+            |spec| &spec.id,
+        )
     }
 }
 

@@ -20,6 +20,7 @@ mod kvm_probe;
 mod layout;
 mod memory;
 mod nested_memory;
+mod nic;
 mod pci;
 mod signals;
 mod vm;
@@ -151,11 +152,17 @@ struct RunArgs {
     /// assembles the regions itself.
     #[arg(long)]
     cxl_precommit: bool,
-    /// Hide the hypervisor from the guest (CPUID.1:ECX[31] clear, no KVM leaves). Lets the guest
-    /// kernel commit CXL regions itself (it refuses inside a VM: no cache invalidation), at the
-    /// cost of kvmclock and other paravirtual features.
-    #[arg(long)]
+    /// Hide the hypervisor from the guest (CPUID.1:ECX[31] clear, no KVM leaves) even without
+    /// CXL devices. With `--cxl-type3` it is hidden by default: the guest kernel commits CXL
+    /// regions itself only on what it believes is bare metal (no cache invalidation in a VM).
+    /// Costs kvmclock and other paravirtual features.
+    #[arg(long, conflicts_with = "cpuid_hypervisor")]
     cpuid_no_hypervisor: bool,
+    /// Show the hypervisor to the guest (CPUID.1:ECX[31] set, KVM leaves) even with
+    /// `--cxl-type3` devices: kvmclock and paravirtual features stay, but the guest kernel then
+    /// refuses to commit CXL regions itself (use `--cxl-precommit` for those).
+    #[arg(long)]
+    cpuid_hypervisor: bool,
     /// Copy a host file into the guest's initramfs (repeatable): `SRC[:DEST]`. DEST defaults to
     /// `/usr/local/bin/<name of SRC>`; the file keeps its permission bits. Handy for test
     /// programs (build them static: the guest has Debian's libc, not necessarily yours).
@@ -194,6 +201,20 @@ struct RunArgs {
         default_missing_value = ""
     )]
     dma_engine: Vec<String>,
+    /// Add an emulated vmxnet3 Ethernet NIC (PCI 15AD:07B0, the guest's vmxnet3 driver) on the
+    /// root bus from 00:08.0, its frames carried as UDP datagrams to another `vmm run`
+    /// (docs/nic.md) (repeatable):
+    /// `[id=NAME][,mac=MAC][,ip=ADDR/PREFIX],fabric=udp:LOCAL_IP:PORT,peer=IP:PORT`; with `ip=`
+    /// the guest's init brings the interface up with that address.
+    #[arg(long, value_name = "SPEC")]
+    nic: Vec<String>,
+    /// Add an emulated RDMA NIC: the vmxnet3 function of `--nic` plus a VMware PVRDMA function
+    /// (15AD:0820, RoCE v2) beside it in the same slot, which the guest's vmw_pvrdma driver and
+    /// rdma-core drive (docs/nic.md; today the verbs control path — devices, ports, GIDs, PDs,
+    /// MRs, CQs, QPs — and UD and RC traffic as RoCEv2 packets) (repeatable; same SPEC as
+    /// --nic).
+    #[arg(long = "rdma-nic", value_name = "SPEC")]
+    rdma_nic: Vec<String>,
     /// Internal (nested host): serve the control API on this serial port.
     #[arg(long, value_name = "TTY", hide = true)]
     control_serial: Option<PathBuf>,
@@ -305,10 +326,13 @@ impl RunArgs {
             cxl_type3,
             cxl_precommit,
             cpuid_no_hypervisor,
+            cpuid_hypervisor,
             guest_file,
             iommu,
             ioat,
             dma_engine,
+            nic,
+            rdma_nic,
             control,
             control_serial,
             nested_nvdimm,
@@ -354,6 +378,8 @@ impl RunArgs {
             ("guest-file", guest_file),
             ("ioat", ioat),
             ("dma-engine", dma_engine),
+            ("nic", nic),
+            ("rdma-nic", rdma_nic),
             ("nested-nvdimm", nested_nvdimm),
         ] {
             for v in values {
@@ -365,6 +391,7 @@ impl RunArgs {
             ("console", console),
             ("cxl-precommit", cxl_precommit),
             ("cpuid-no-hypervisor", cpuid_no_hypervisor),
+            ("cpuid-hypervisor", cpuid_hypervisor),
         ] {
             if *on {
                 a.push(format!("--{flag}").into());
@@ -410,6 +437,7 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
     let ioat = ioat::IoatSpec::parse_all(&args.ioat).map_err(Failure::vmm)?;
     let dma_engines =
         dma_engine::DmaEngineSpec::parse_all(&args.dma_engine).map_err(Failure::vmm)?;
+    let nics = nic::NicSpec::parse_all(&args.nic, &args.rdma_nic).map_err(Failure::vmm)?;
     let iommu = args
         .iommu
         .as_deref()
@@ -496,7 +524,10 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         return run_nested(
             &args,
             log_level,
-            &cxl_devices,
+            NestedDevices {
+                cxl: &cxl_devices,
+                nics: &nics,
+            },
             &kernel,
             initrd.as_ref(),
             memory,
@@ -516,6 +547,7 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         command_mode.then_some(args.command.as_slice()),
         &guest_files,
     )?;
+    let hide_hypervisor = hides_hypervisor(&args, !cxl_devices.is_empty());
     let mut cmdline = BASE_CMDLINE.to_string();
     if !cxl_devices.is_empty() {
         // CXL RAM regions come up as hot-plugged memory (kmem). Online it movable, as CXL
@@ -526,6 +558,11 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
     if iommu.is_some() {
         // Debian builds the kernel with the IOMMU off by default.
         cmdline.push_str(" intel_iommu=on");
+    }
+    for parameter in nics.iter().filter_map(nic::NicSpec::kernel_parameter) {
+        // The guest's init gives the interface with this MAC its address.
+        cmdline.push(' ');
+        cmdline.push_str(&parameter);
     }
     if !args.cmdline.trim().is_empty() {
         cmdline.push(' ');
@@ -549,12 +586,13 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         timeout,
         cxl_devices,
         cxl_precommit: args.cxl_precommit,
-        hide_hypervisor: args.cpuid_no_hypervisor,
+        hide_hypervisor,
         control,
         nested_media,
         iommu,
         ioat,
         dma_engines,
+        nics,
     };
     let report = vm::run(&config, started).map_err(Failure::vmm)?;
     if args.boot_time {
@@ -686,6 +724,14 @@ impl GuestFile {
 /// The cpio archive appended to the initrd: the `--guest-file` files and, in command mode,
 /// `/vmm/args`, a shell fragment that sets the positional parameters to the command (see
 /// [`guest_command_script`]). Empty when there is nothing to add.
+/// Whether the guest's CPUID hides the hypervisor: asked for with `--cpuid-no-hypervisor`, and
+/// by default with CXL devices (Linux's `cpu_cache_has_invalidate_memregion()` is false under a
+/// hypervisor, so `cxl create-region` would fail with "Failed to synchronize CPU cache state")
+/// unless `--cpuid-hypervisor` keeps it.
+fn hides_hypervisor(args: &RunArgs, has_cxl_devices: bool) -> bool {
+    args.cpuid_no_hypervisor || (has_cxl_devices && !args.cpuid_hypervisor)
+}
+
 fn guest_extra_archive(
     command: Option<&[OsString]>,
     files: &[GuestFile],
@@ -730,15 +776,26 @@ fn guest_command_script(command: &[OsString]) -> Vec<u8> {
     script
 }
 
+/// The devices whose host-side resources the nested host must provide: CXL backing files
+/// (NVDIMMs) and NIC fabric ports (forwarded UDP).
+struct NestedDevices<'a> {
+    cxl: &'a [cxl::CxlType3Spec],
+    nics: &'a [nic::NicSpec],
+}
+
 fn run_nested(
     args: &RunArgs,
     log_level: &str,
-    cxl_devices: &[cxl::CxlType3Spec],
+    devices: NestedDevices<'_>,
     kernel: &std::path::Path,
     initrd: Option<&PathBuf>,
     memory: u64,
     cpus: u32,
 ) -> Result<u8, Failure> {
+    let NestedDevices {
+        cxl: cxl_devices,
+        nics,
+    } = devices;
     let store = guest_images::ImageStore::from_env().map_err(Failure::vmm)?;
     let host_image = store.host().map_err(Failure::vmm)?;
     // Label storage areas stay files the VMM inside reads and writes (through 9p): they must be
@@ -779,6 +836,26 @@ fn run_nested(
         .map(|(slot, file)| format!("{slot}:{}", file.path.display()))
         .collect();
     inner.console_log = args.console_log.as_deref().map(absolute);
+    // The NICs' fabric ports are forwarded into the nested host (see nic.rs); a port taken
+    // here is refused now, with the NIC's name, rather than by QEMU.
+    for n in nics {
+        std::net::UdpSocket::bind(n.local).map_err(|e| {
+            Failure::vmm(format!(
+                "--nic {}: cannot bind the fabric socket to {}: {e}",
+                n.id, n.local
+            ))
+        })?;
+    }
+    inner.nic = nics
+        .iter()
+        .filter(|n| !n.rdma)
+        .map(|n| n.for_nested_host().to_arg())
+        .collect();
+    inner.rdma_nic = nics
+        .iter()
+        .filter(|n| n.rdma)
+        .map(|n| n.for_nested_host().to_arg())
+        .collect();
     inner.guest_file = args
         .guest_file
         .iter()
@@ -819,6 +896,7 @@ fn run_nested(
         interactive: args.command.is_empty(),
         control_port,
         shared_files,
+        udp_forwards: nics.iter().map(|n| n.local).collect(),
     };
     let result = match host::run_in_nested_host(&opts, &argv) {
         Err(e) if host::is_host_crash_before_command(&e) => {
@@ -982,6 +1060,7 @@ fn cmd_host(args: HostArgs) -> Result<u8, Failure> {
         interactive,
         control_port: None,
         shared_files: Vec::new(),
+        udp_forwards: Vec::new(),
     };
     let status = run_nested_with_retry(&opts, &command).map_err(host_failure)?;
     u8::try_from(status).map_err(|_| Failure::vmm(format!("nested host returned status {status}")))
@@ -1041,6 +1120,27 @@ mod tests {
         // Defaults stay defaults.
         let bare = parse_run(&[]);
         assert_eq!(parse_run(&bare.to_args()), bare);
+        // The flag that conflicts with --cpuid-no-hypervisor.
+        let shown = parse_run(&["--cpuid-hypervisor".into()]);
+        assert!(shown.cpuid_hypervisor);
+        assert_eq!(parse_run(&shown.to_args()), shown);
+    }
+
+    /// CXL devices hide the hypervisor unless --cpuid-hypervisor keeps it; without them only
+    /// --cpuid-no-hypervisor hides it; asking for both is a usage error.
+    #[test]
+    fn the_hypervisor_is_hidden_by_default_only_with_cxl_devices() {
+        let bare = parse_run(&[]);
+        assert!(!hides_hypervisor(&bare, false));
+        assert!(hides_hypervisor(&bare, true));
+        let shown = parse_run(&["--cpuid-hypervisor".into()]);
+        assert!(!hides_hypervisor(&shown, true));
+        assert!(!hides_hypervisor(&shown, false));
+        let hidden = parse_run(&["--cpuid-no-hypervisor".into()]);
+        assert!(hides_hypervisor(&hidden, false));
+        assert!(hides_hypervisor(&hidden, true));
+        let both = ["vmm", "run", "--cpuid-hypervisor", "--cpuid-no-hypervisor"];
+        assert!(Cli::try_parse_from(both).is_err());
     }
 
     #[test]

@@ -105,6 +105,22 @@ impl Platform {
         Ok(address)
     }
 
+    /// Adds `function` as function `number` of root-bus device `device` (function 0 must be
+    /// there first: Linux scans the other functions only when function 0 says it has them).
+    pub fn add_root_bus_function_at(
+        &mut self,
+        device: u8,
+        number: u8,
+        function: Box<dyn PciDevice>,
+    ) -> Result<PciAddress, String> {
+        let err = |e: PciError| e.to_string();
+        let address = PciAddress::new(0, device, number).map_err(err)?;
+        lock(&self.root_complex)
+            .add_device(address, function)
+            .map_err(err)?;
+        Ok(address)
+    }
+
     /// Maps `device`'s registers at the fixed range `[base, base + size)` (`name` is for
     /// errors): CPU accesses there reach it with the offset into the range.
     pub fn add_fixed_mmio(

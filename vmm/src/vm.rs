@@ -94,6 +94,8 @@ pub struct VmConfig {
     pub iommu: Option<crate::vtd::VtdSpec>,
     /// Emulated I/OAT DMA engines (`--ioat`).
     pub ioat: Vec<crate::ioat::IoatSpec>,
+    /// Emulated vmxnet3 NICs with their UDP fabrics (`--nic`).
+    pub nics: Vec<crate::nic::NicSpec>,
     /// SVA DMA engines (`--dma-engine`).
     pub dma_engines: Vec<crate::dma_engine::DmaEngineSpec>,
 }
@@ -489,6 +491,15 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         &config.dma_engines,
         &guest_memory,
         &msi_sink,
+        translator.clone(),
+        &mut platform,
+    )
+    .map_err(VmError::Pci)?;
+    // vmxnet3 NICs, their DMA through the same unit; their fabric sockets join the main loop.
+    let (nics, device_subscribers) = crate::nic::install(
+        &config.nics,
+        &guest_memory,
+        &msi_sink,
         translator,
         &mut platform,
     )
@@ -503,11 +514,13 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
                     id: d.spec.id.clone(),
                     memdev: d.memdev.clone(),
                     function: Some(d.device.clone()),
+                    root_port: Some(d.root_port.clone()),
                 })
                 .collect(),
             iommu: vtd.as_ref().map(|(unit, _)| unit.clone()),
             ioat,
             dma_engines,
+            nics: nics.clone(),
         };
         match endpoint {
             ControlEndpoint::Socket(listener) => listener.serve(target),
@@ -575,7 +588,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
         vcpu_threads.push(thread);
     }
 
-    let outcome = main_loop(config, &events, &com1, &mut signals);
+    let outcome = main_loop(config, &events, &com1, &mut signals, device_subscribers);
     stop_vcpus(vcpu_threads, &stopping);
     // Whatever ended the run, the guest's stores to device media reach the backing files.
     if let Some(topology) = &cxl_topology {
@@ -702,6 +715,29 @@ fn vcpu_loop(
     }
 }
 
+/// A device's own event handler on the VMM's main thread: in `init` it subscribes its own file
+/// descriptors (sockets, eventfds, timers) to the main loop's epoll set with tokens of its
+/// choosing, and `process` handles them. Devices whose back end lives outside the guest's MMIO
+/// path (the RDMA NIC's fabric sockets, issue 10) hand one to [`main_loop`] next to the loop's
+/// own handler; each subscriber has its own token space (event-manager keys by subscriber).
+pub type DeviceSubscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The main thread's event loop: its own handler (stop requests, console input, the timeout)
+/// plus the devices' subscribers.
+fn event_loop(
+    main: &Arc<Mutex<MainLoop>>,
+    devices: Vec<DeviceSubscriber>,
+) -> Result<EventManager<DeviceSubscriber>, VmError> {
+    let mut manager: EventManager<DeviceSubscriber> =
+        EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+    let own: DeviceSubscriber = main.clone();
+    manager.add_subscriber(own);
+    for device in devices {
+        manager.add_subscriber(device);
+    }
+    Ok(manager)
+}
+
 const STOP_TOKEN: u32 = 1;
 const STDIN_TOKEN: u32 = 2;
 const TIMER_TOKEN: u32 = 3;
@@ -816,6 +852,7 @@ fn main_loop(
     events: &Arc<VmEvents>,
     com1: &Arc<Mutex<Com1>>,
     signals: &mut crate::signals::SignalWatch,
+    device_subscribers: Vec<DeviceSubscriber>,
 ) -> Result<Outcome, VmError> {
     let interactive = matches!(config.console, ConsoleMode::Interactive);
     let stdin_is_tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
@@ -839,8 +876,6 @@ fn main_loop(
         }
         None => None,
     };
-    let mut manager: EventManager<Arc<Mutex<MainLoop>>> =
-        EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
     let main = Arc::new(Mutex::new(MainLoop {
         events: events.clone(),
         com1: com1.clone(),
@@ -852,7 +887,7 @@ fn main_loop(
         user_quit: false,
         done: false,
     }));
-    manager.add_subscriber(main.clone());
+    let mut manager = event_loop(&main, device_subscribers)?;
     let mut interrupted = None;
     loop {
         // Wake periodically so input held back by a full UART FIFO gets another chance, and a
@@ -894,4 +929,78 @@ fn main_loop(
         }
     };
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device subscriber counting the writes to its own eventfd.
+    struct CountingDevice {
+        fd: EventFd,
+        seen: u64,
+    }
+
+    impl MutEventSubscriber for CountingDevice {
+        fn init(&mut self, ops: &mut EventOps) {
+            // Token 1, the same number as the main loop's STOP_TOKEN: token spaces are separate.
+            ops.add(Events::with_data_raw(self.fd.as_raw_fd(), 1, EventSet::IN))
+                .expect("watching the device's fd");
+        }
+
+        fn process(&mut self, events: Events, _ops: &mut EventOps) {
+            assert_eq!(events.data(), 1);
+            self.seen += self.fd.read().expect("reading the device's fd");
+        }
+    }
+
+    /// The main loop runs a device's own descriptors next to its own: the device's events reach
+    /// the device (not the loop's handler, though both use token 1), and a stop request still
+    /// reaches the loop.
+    #[test]
+    fn device_subscribers_run_on_the_main_loop() {
+        let events = Arc::new(VmEvents {
+            stop_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            started: Instant::now(),
+            state: Mutex::new(EventState::default()),
+        });
+        let com1 = Arc::new(Mutex::new(SerialPort::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleWriter {
+                events: events.clone(),
+                line: Vec::new(),
+                echo: None,
+                log: None,
+            },
+        )));
+        let main = Arc::new(Mutex::new(MainLoop {
+            events: events.clone(),
+            com1,
+            timer: None,
+            interactive: false,
+            pending_input: Vec::new(),
+            escape: false,
+            timed_out: false,
+            user_quit: false,
+            done: false,
+        }));
+        let device = Arc::new(Mutex::new(CountingDevice {
+            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            seen: 0,
+        }));
+        let mut manager = event_loop(&main, vec![device.clone() as DeviceSubscriber]).unwrap();
+
+        lock(&device).fd.write(3).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(lock(&device).seen, 3);
+        assert!(
+            !lock(&main).done,
+            "the device's event went to the main handler"
+        );
+
+        events.request_stop(StopRequest::PowerOff);
+        manager.run_with_timeout(1000).unwrap();
+        assert!(lock(&main).done);
+        assert_eq!(lock(&device).seen, 3);
+    }
 }

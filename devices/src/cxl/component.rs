@@ -188,6 +188,12 @@ impl RasCapability {
         }
     }
 
+    /// Sets the Uncorrectable and Correctable Error Masks (device reset values).
+    pub fn set_masks(&mut self, uncorrectable: u32, correctable: u32) {
+        self.uc_mask = uncorrectable & ras::UC_BITS;
+        self.ce_mask = correctable & ras::CE_BITS;
+    }
+
     /// Uncorrectable Error Status.
     pub fn uncorrectable_status(&self) -> u32 {
         self.uc_status

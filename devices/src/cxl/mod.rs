@@ -23,6 +23,7 @@
 //! else reads 0 and is ignored on write. The mailbox payload area also takes unaligned
 //! accesses (it is plain memory, filled by `memcpy_toio`).
 
+pub mod cdat;
 pub mod component;
 pub mod device_regs;
 pub mod dvsec;

@@ -106,6 +106,23 @@ impl CxlRootPort {
     pub fn trigger(&mut self, vector: u16) -> MsixTriggerResult {
         self.core.trigger(vector)
     }
+
+    /// The endpoint below (device 0 function 0 of the secondary bus) sent `message`: the root
+    /// error registers record it with that endpoint's requester ID, and the AER interrupt
+    /// (MSI-X vector 0, the AER Interrupt Message Number) fires when the Root Error Command
+    /// enables it — Linux's `aer_isr` then finds the source and calls its driver's handlers.
+    /// Returns whether the interrupt was signalled.
+    pub fn receive_error_message(&mut self, message: crate::pci::aer::ErrorMessage) -> bool {
+        let secondary = self.config().read_u8(crate::pci::config::SECONDARY_BUS);
+        let source = u16::from(secondary) << 8;
+        let aer = self.aer_offset();
+        if crate::pci::aer::root_receive(self.config_mut(), aer, message, source) {
+            self.trigger(0);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl PciDevice for CxlRootPort {

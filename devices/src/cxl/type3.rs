@@ -10,7 +10,8 @@
 //! - capabilities: PCI Express (endpoint), MSI-X, Power Management;
 //! - extended capabilities: AER, Device Serial Number, PCIe DVSEC for CXL Devices (ID 0), GPF
 //!   DVSEC for CXL Devices (ID 5), Flex Bus Port DVSEC (ID 7), Register Locator DVSEC (ID 8:
-//!   component block in BAR0, memdev block in BAR2).
+//!   component block in BAR0, memdev block in BAR2), DOE serving the CDAT ([`super::cdat`]:
+//!   one DSMAS per partition with its latency and bandwidth).
 //!
 //! Config writes to the DVSEC control register reach the HDM decoders (Mem_Enable gates
 //! commits); everything in the BARs is pure register logic, so tests and fuzzers can drive
@@ -19,9 +20,13 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use super::cdat::CdatTableAccess;
+use crate::pci::doe::DoeMailbox;
+
 use iommu::{MsiSink, RequesterId};
 
-use crate::pci::capability::{aer_capability, power_management_capability};
+use crate::pci::aer::{self as pci_aer, ErrorMessage};
+use crate::pci::capability::{aer, aer_capability, power_management_capability};
 use crate::pci::msix::MsixLayout;
 use crate::pci::{
     BarInfo, BarKind, ConfigSpace, HeaderType, MsixCapability, PciDevice, PciIds,
@@ -126,6 +131,9 @@ pub struct CxlType3Device {
     msix_cap_offset: u16,
     dvsec_offset: u16,
     pcie_offset: u16,
+    aer_offset: u16,
+    doe_offset: u16,
+    doe: DoeMailbox,
     volatile_size: u64,
     persistent_size: u64,
 }
@@ -166,7 +174,12 @@ impl CxlType3Device {
             windows: cfg.windows.clone(),
             listener: cfg.listener.clone(),
         })?;
-        let component = ComponentRegisters::new(true, Some(hdm));
+        let mut component = ComponentRegisters::new(true, Some(hdm));
+        // Every RAS error reported: Linux 7.2 unmasks the RAS capability of switch and root
+        // ports (`cxl_ras_unmask`) but never an endpoint's, whose RAS it reads in its AER
+        // handlers — so the device comes out of reset reporting, as firmware that hands error
+        // handling to the OS leaves it.
+        component.ras_mut().set_masks(0, 0);
 
         let mut config = ConfigSpace::new(
             HeaderType::Type0,
@@ -206,7 +219,18 @@ impl CxlType3Device {
         let msix_cap_offset = msix.cap_offset();
         config.add_capability(&power_management_capability())?;
 
-        config.add_ext_capability(&aer_capability(false))?;
+        let aer_offset = config.add_ext_capability(&aer_capability(false))?;
+        // CXL.cachemem errors travel as AER internal errors (CXL 2.0 §12.2.2), masked by
+        // default in PCIe; nothing in Linux 7.2 unmasks them for a VH endpoint
+        // (`pci_aer_unmask_internal_errors` serves RCH RCECs), so this device leaves them
+        // unmasked from reset.
+        let uncor_mask = aer_offset + aer::UNCOR_MASK as u16;
+        config.set_u32(
+            uncor_mask,
+            config.read_u32(uncor_mask) & !pci_aer::UNCOR_INTERNAL,
+        );
+        let cor_mask = aer_offset + aer::COR_MASK as u16;
+        config.set_u32(cor_mask, config.read_u32(cor_mask) & !pci_aer::COR_INTERNAL);
         config.add_ext_capability(&dvsec::device_serial_number_capability(cfg.serial))?;
         let ranges: Vec<u64> = [cfg.volatile_size, cfg.persistent_size]
             .into_iter()
@@ -227,6 +251,11 @@ impl CxlType3Device {
                 offset: 0,
             },
         ]))?;
+        let doe_offset = config.add_ext_capability(&DoeMailbox::capability())?;
+        let doe = DoeMailbox::new(vec![Box::new(CdatTableAccess::new(
+            cfg.volatile_size,
+            cfg.persistent_size,
+        ))]);
 
         let interrupts = FunctionInterrupts::new(Arc::new(Mutex::new(msix)));
         let device_regs = DeviceRegisters::new(
@@ -243,6 +272,9 @@ impl CxlType3Device {
             msix_cap_offset,
             dvsec_offset,
             pcie_offset,
+            aer_offset,
+            doe_offset,
+            doe,
             volatile_size: cfg.volatile_size,
             persistent_size: cfg.persistent_size,
         })
@@ -335,16 +367,65 @@ impl CxlType3Device {
         if let Some(h) = self.component.hdm_mut() {
             h.reset();
         }
-        *self.component.ras_mut() = super::RasCapability::new();
+        let mut ras = super::RasCapability::new();
+        ras.set_masks(0, 0);
+        *self.component.ras_mut() = ras;
         let ctrl = self.dvsec_offset + dvsec::device::CTRL as u16;
         let v = self.config.read_u16(ctrl) & !dvsec::device::CTRL_MEM_ENABLE;
         self.config.set_u16(ctrl, v);
         self.device_regs.reset();
+        self.doe.abort();
+    }
+
+    /// The DOE register (dword-aligned offset from the capability) that config `offset` falls
+    /// in, if any.
+    fn doe_register(&self, offset: u16) -> Option<u16> {
+        let rel = offset.checked_sub(self.doe_offset)? & !3;
+        DoeMailbox::serves(rel).then_some(rel)
     }
 
     /// Config space (device-side view).
     pub fn config(&self) -> &ConfigSpace {
         &self.config
+    }
+
+    /// An uncorrectable CXL.cachemem error (CXL 2.0 §12.2.2): `bits` logged in the RAS
+    /// capability's Uncorrectable Error Status (First Error Pointer and `header_log` for the
+    /// first), then an Uncorrectable Internal Error in AER. Returns the message the endpoint
+    /// sends upstream (ERR_FATAL or ERR_NONFATAL by the AER severity), if any — for its Root
+    /// Port to record ([`crate::pci::aer::root_receive`]). Linux's `cxl_error_detected` reads
+    /// and clears the RAS status (`cxl_aer_uncorrectable_error` trace event).
+    pub fn inject_uncorrectable(&mut self, bits: u32, header_log: &[u32]) -> Option<ErrorMessage> {
+        if !self
+            .component
+            .ras_mut()
+            .inject_uncorrectable(bits, header_log)
+        {
+            return None;
+        }
+        pci_aer::log_error(
+            &mut self.config,
+            self.aer_offset,
+            self.pcie_offset,
+            false,
+            pci_aer::UNCOR_INTERNAL,
+        )
+    }
+
+    /// A corrected CXL.cachemem error: `bits` in the RAS Correctable Error Status, then a
+    /// Corrected Internal Error in AER; returns ERR_COR when it is sent (Linux's
+    /// `cxl_cor_error_detected`: `cxl_aer_correctable_error`).
+    pub fn inject_correctable(&mut self, bits: u32) -> Option<ErrorMessage> {
+        if !self.component.ras_mut().inject_correctable(bits) {
+            return None;
+        }
+        pci_aer::log_error(
+            &mut self.config,
+            self.aer_offset,
+            self.pcie_offset,
+            true,
+            pci_aer::COR_INTERNAL,
+        )
     }
 
     /// Component registers.
@@ -370,10 +451,25 @@ impl CxlType3Device {
 
 impl PciDevice for CxlType3Device {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        if let Some(reg) = self.doe_register(offset) {
+            let value = self.doe.read(reg).to_le_bytes();
+            let start = usize::from(offset & 3);
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = value.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
         self.config.read(offset, data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
+        if let Some(reg) = self.doe_register(offset) {
+            // The mailbox registers take whole dwords (pci_doe uses 32-bit accesses only).
+            if let (0, Ok(dword)) = (offset & 3, <[u8; 4]>::try_from(data)) {
+                self.doe.write(reg, u32::from_le_bytes(dword));
+            }
+            return;
+        }
         self.config.write(offset, data);
         let config = &self.config;
         self.interrupts
@@ -480,6 +576,57 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// The CDAT as Linux reads it (pci_doe_create_mb, pci_doe_cache_features, read_cdat_data):
+    /// through the DOE capability in config space, discovery then Read Entry from handle 0 until
+    /// 0xFFFF; partial-width accesses to the mailbox change nothing.
+    #[test]
+    fn cdat_is_read_through_the_doe_mailbox_in_config_space() {
+        use crate::pci::doe::{self, reg};
+        let mut d = device_with(Arc::new(RecordingListener::default()));
+        let d: &mut dyn PciDevice = &mut d;
+        let pos = crate::pci::capability::find_ext_capability(
+            &mut |o, b: &mut [u8]| d.config_read(o, b),
+            doe::CAP_ID,
+        )
+        .expect("DOE capability");
+        let w32 = |d: &mut dyn PciDevice, off: u16, v: u32| d.config_write(off, &v.to_le_bytes());
+        let exchange = |d: &mut dyn PciDevice, request: &[u32]| -> Vec<u32> {
+            for &dw in request {
+                w32(d, pos + reg::WRITE_MAILBOX, dw);
+            }
+            w32(d, pos + reg::CONTROL, doe::CONTROL_GO);
+            assert_eq!(cfg32(d, pos + reg::STATUS) & doe::STATUS_ERROR, 0);
+            let mut out = Vec::new();
+            while cfg32(d, pos + reg::STATUS) & doe::STATUS_READY != 0 {
+                out.push(cfg32(d, pos + reg::READ_MAILBOX));
+                w32(d, pos + reg::READ_MAILBOX, 0);
+            }
+            out
+        };
+        w32(d, pos + reg::CONTROL, doe::CONTROL_ABORT);
+        assert_eq!(cfg32(d, pos + reg::STATUS), 0);
+        assert_eq!(
+            exchange(d, &[0x0001, 3, 1]),
+            vec![0x0001, 3, 0x1e98 | 2 << 16]
+        );
+        // A 16-bit write to the write mailbox is dropped.
+        d.config_write(pos + reg::WRITE_MAILBOX, &[1, 2]);
+        let mut handle = 0u32;
+        let mut table = Vec::new();
+        while handle != 0xffff {
+            let r = exchange(d, &[0x0002_1e98, 3, handle << 16]);
+            assert_eq!(r[0], 0x0002_1e98);
+            assert_eq!(r[1] as usize, r.len());
+            table.extend(r[3..].iter().flat_map(|w| w.to_le_bytes()));
+            handle = r[2] >> 16;
+        }
+        assert_eq!(table, super::super::cdat::table(GIB, GIB).concat());
+        assert_eq!(
+            u32::from_le_bytes(table[..4].try_into().unwrap()) as usize,
+            table.len()
+        );
     }
 
     #[test]
@@ -1027,5 +1174,112 @@ mod memdev_integration {
             1 << 2,
             "failure log has records"
         );
+    }
+}
+
+#[cfg(test)]
+mod ras_tests {
+    use std::sync::Arc;
+
+    use iommu::{NullMsiSink, RecordingMsiSink, RequesterId};
+
+    use super::*;
+    use crate::cxl::UnsupportedMailbox;
+    use crate::cxl::component::{RAS_OFFSET, ras};
+    use crate::cxl::root_port::CxlRootPort;
+    use crate::pci::RootPortConfig;
+    use crate::pci::aer::root_status;
+    use crate::pci::capability::{aer, cap_id, ext_cap_id, find_capability, find_ext_capability};
+    use crate::pci::pcie::DEVCTL;
+
+    fn cfg32(d: &mut dyn PciDevice, off: u16) -> u32 {
+        let mut b = [0u8; 4];
+        d.config_read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// What Linux sets up before errors can reach `cxl_error_detected`: the endpoint's Device
+    /// Control error reporting enables (`pci_aer_init`), the root port's Root Error Command
+    /// and its MSI-X vector (portdrv, `aer_enable_rootport`), the secondary bus number.
+    fn linux_setup() -> (CxlType3Device, CxlRootPort, Arc<RecordingMsiSink>, u16, u16) {
+        let mut d = CxlType3Device::new(
+            Type3Config::new(256 << 20, 0),
+            Box::new(UnsupportedMailbox),
+            Arc::new(NullMsiSink),
+        )
+        .unwrap();
+        let pcie = d.pcie_offset();
+        d.config_write(pcie + DEVCTL as u16, &0x000fu16.to_le_bytes());
+        let daer = {
+            let mut rd = |o: u16, b: &mut [u8]| d.config_read(o, b);
+            find_ext_capability(&mut rd, ext_cap_id::AER).unwrap()
+        };
+        let sink = Arc::new(RecordingMsiSink::new());
+        let mut p = CxlRootPort::new(RootPortConfig::cxl(0), sink.clone()).unwrap();
+        p.set_requester_id(RequesterId::new(0, 2, 0));
+        p.config_write(crate::pci::config::SECONDARY_BUS, &[0x0d]);
+        p.bar_write(1, 0, &0xfee0_0000u32.to_le_bytes());
+        p.bar_write(1, 8, &0x41u32.to_le_bytes());
+        p.bar_write(1, 12, &0u32.to_le_bytes());
+        let cap = {
+            let mut rd = |o: u16, b: &mut [u8]| p.config_read(o, b);
+            u16::from(find_capability(&mut rd, cap_id::MSIX).unwrap())
+        };
+        p.config_write(4, &6u16.to_le_bytes());
+        p.config_write(cap + 2, &0x8000u16.to_le_bytes());
+        let raer = p.aer_offset();
+        p.config_write(raer + aer::ROOT_COMMAND as u16, &7u32.to_le_bytes());
+        (d, p, sink, daer, raer)
+    }
+
+    #[test]
+    fn an_injected_correctable_error_reaches_the_root_port_as_err_cor() {
+        let (mut d, mut p, sink, daer, raer) = linux_setup();
+        let message = d.inject_correctable(1 << 6).expect("ERR_COR sent");
+        assert!(p.receive_error_message(message));
+        assert_eq!(sink.take().len(), 1, "the AER interrupt");
+        assert_eq!(
+            cfg32(&mut p, raer + aer::ROOT_STATUS as u16) & 0x7f,
+            root_status::COR
+        );
+        assert_eq!(cfg32(&mut p, raer + aer::ERROR_SOURCE as u16), 0x0d00);
+        // What aer_isr then reads from the source and cxl_handle_cor_ras from the RAS block.
+        assert_eq!(
+            cfg32(&mut d, daer + aer::COR_STATUS as u16),
+            crate::pci::aer::COR_INTERNAL
+        );
+        assert_eq!(d.component().ras().correctable_status(), 1 << 6);
+        let mut b = [0u8; 4];
+        d.bar_read(COMPONENT_BAR, RAS_OFFSET + ras::CE_STATUS, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1 << 6);
+    }
+
+    #[test]
+    fn an_injected_uncorrectable_error_is_fatal_by_default_and_logs_its_header() {
+        let (mut d, mut p, _sink, daer, raer) = linux_setup();
+        let message = d
+            .inject_uncorrectable((1 << 7) | (1 << 14), &[0xdead_beef, 1, 2])
+            .expect("sent");
+        assert_eq!(message, crate::pci::aer::ErrorMessage::Fatal);
+        assert!(p.receive_error_message(message));
+        let status = cfg32(&mut p, raer + aer::ROOT_STATUS as u16);
+        assert_eq!(
+            status & 0x7f,
+            root_status::UNCOR | root_status::FIRST_FATAL | root_status::FATAL
+        );
+        assert_eq!(cfg32(&mut p, raer + aer::ERROR_SOURCE as u16) >> 16, 0x0d00);
+        assert_eq!(
+            cfg32(&mut d, daer + aer::UNCOR_STATUS as u16),
+            crate::pci::aer::UNCOR_INTERNAL
+        );
+        let mut b = [0u8; 4];
+        d.bar_read(COMPONENT_BAR, RAS_OFFSET + ras::HEADER_LOG, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        // Reporting disabled in Device Control: logged, nothing sent.
+        let (mut d, ..) = linux_setup();
+        let pcie = d.pcie_offset();
+        d.config_write(pcie + DEVCTL as u16, &0u16.to_le_bytes());
+        assert_eq!(d.inject_correctable(1), None);
+        assert_eq!(d.component().ras().correctable_status(), 1);
     }
 }

@@ -49,8 +49,10 @@
 //! ```
 
 pub mod address_translation;
+pub mod aer;
 pub mod capability;
 pub mod config;
+pub mod doe;
 pub mod function;
 pub mod host_bridge;
 pub mod msi;

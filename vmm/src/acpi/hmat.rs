@@ -44,8 +44,13 @@ pub(super) const DRAM_BANDWIDTH_MBPS: u16 = 20_000;
 /// CXL windows (their own domains): a CXL 2.0 Type 3 memory expander on an x8 link (32 GT/s,
 /// 32 GB/s raw per direction), ~250 ns (the DRAM access plus the CXL root port, link and device
 /// controller round trip) and ~16 GB/s deliverable after flit and protocol overhead.
-pub(super) const CXL_X8_LATENCY_NS: u16 = 250;
-pub(super) const CXL_X8_BANDWIDTH_MBPS: u16 = 16_000;
+/// The same figures each device reports in its CDAT (DSLBIS), so both views of the memory agree.
+pub(super) const CXL_X8_LATENCY_NS: u16 = devices::cxl::cdat::LATENCY_NS;
+pub(super) const CXL_X8_BANDWIDTH_MBPS: u16 = devices::cxl::cdat::BANDWIDTH_MBPS;
+/// CXL host bridges (SRAT generic ports): the CPUs reach the host bridge as fast as their own
+/// memory controller; the link and the device (their CDAT) add the rest of the CXL figures.
+pub(super) const GENERIC_PORT_LATENCY_NS: u16 = DRAM_LATENCY_NS;
+pub(super) const GENERIC_PORT_BANDWIDTH_MBPS: u16 = DRAM_BANDWIDTH_MBPS;
 // Entries 0 ("not provided") and 0xFFFF ("unreachable") mean something else.
 const _: () = assert!(DRAM_LATENCY_NS != 0 && DRAM_LATENCY_NS != u16::MAX);
 const _: () = assert!(DRAM_BANDWIDTH_MBPS != 0 && DRAM_BANDWIDTH_MBPS != u16::MAX);
@@ -72,7 +77,12 @@ const _: () = assert!(CXL_X8_BANDWIDTH_MBPS != 0 && CXL_X8_BANDWIDTH_MBPS != u16
 /// the initiator of a type 0 structure as the memory's local initiator, and shows the type 1
 /// values under `/sys/devices/system/node/nodeN/access{0,1}/initiators/` once the node has
 /// memory online.
-pub(super) fn build_hmat(cxl_domains: &[u32]) -> Vec<u8> {
+///
+/// Each domain of `generic_ports` (the CXL host bridges' SRAT Generic Port domains) is a further
+/// target of the type 1 structures only — no type 0 structure, which would hide its figures from
+/// Linux — with [`GENERIC_PORT_LATENCY_NS`] and [`GENERIC_PORT_BANDWIDTH_MBPS`]: the CPUs'
+/// side of the path to the CXL devices, which Linux combines with each device's CDAT.
+pub(super) fn build_hmat(cxl_domains: &[u32], generic_ports: &[u32]) -> Vec<u8> {
     let mut hmat = Sdt::new(
         *b"HMAT",
         HMAT_HEADER_LEN as u32,
@@ -102,6 +112,15 @@ pub(super) fn build_hmat(cxl_domains: &[u32]) -> Vec<u8> {
         body.extend_from_slice(&domain.to_le_bytes());
         body.extend_from_slice(&[0; 20]);
     }
+    // The generic ports are locality targets only (after the memory, which has its type 0).
+    let targets: Vec<(u32, u16, u16)> = targets
+        .into_iter()
+        .chain(
+            generic_ports
+                .iter()
+                .map(|&d| (d, GENERIC_PORT_LATENCY_NS, GENERIC_PORT_BANDWIDTH_MBPS)),
+        )
+        .collect();
     let locality_len = HMAT_LOCALITY_FIXED_LEN + 4 + targets.len() * (4 + 2);
     // (data type, entry base unit, whether the entries are latencies).
     let localities = [

@@ -286,6 +286,11 @@ impl CxlWindowConfig {
     }
 }
 
+/// `_UID` of the layout's CXL host bridge (CHBS UID, CFMWS target). Not 0: Linux finds a
+/// generic port's HMAT figures by `_UID` among all HMAT targets (`acpi_find_genport_target`),
+/// and the memory targets, which have no device handle, all read as UID 0.
+pub const CXL_HOST_BRIDGE_UID: u32 = 1;
+
 /// CXL topology described by the tables (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CxlConfig {
@@ -296,19 +301,19 @@ pub struct CxlConfig {
 
 #[allow(dead_code)] // Used by the CXL device's wiring (in progress) and the tests.
 impl CxlConfig {
-    /// The layout's CXL machine: host bridge UID 0 with its CHBCR at
+    /// The layout's CXL machine: host bridge UID [`CXL_HOST_BRIDGE_UID`] with its CHBCR at
     /// [`layout::CXL_CHBCR_START`], one window of `window_size` bytes at
     /// [`layout::CXL_WINDOW_START`] on `proximity_domain`.
     pub fn from_layout(window_size: u64, proximity_domain: u32) -> Self {
         Self {
             host_bridges: vec![CxlHostBridgeConfig {
-                uid: 0,
+                uid: CXL_HOST_BRIDGE_UID,
                 chbcr_base: layout::CXL_CHBCR_START,
             }],
             windows: vec![CxlWindowConfig::new(
                 layout::CXL_WINDOW_START,
                 window_size,
-                vec![0],
+                vec![CXL_HOST_BRIDGE_UID],
                 proximity_domain,
             )],
         }
@@ -410,6 +415,28 @@ impl AcpiConfig {
         }
         domains
     }
+
+    /// `(proximity domain, _UID)` of each CXL host bridge's SRAT Generic Port, when there is an
+    /// HMAT to give it figures: domains after every other one.
+    fn generic_ports(&self) -> Vec<(u32, u32)> {
+        let cxl_domains = self.hmat_cxl_domains();
+        let Some(cxl) = self.cxl.as_ref().filter(|_| !cxl_domains.is_empty()) else {
+            return Vec::new();
+        };
+        let first = self
+            .memory_affinity()
+            .iter()
+            .map(|r| r.proximity_domain)
+            .chain(cxl_domains)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        cxl.host_bridges
+            .iter()
+            .zip(first..)
+            .map(|(hb, domain)| (domain, hb.uid))
+            .collect()
+    }
 }
 
 /// The table image: copy `bytes` to guest physical `base`; the RSDP is at `rsdp_addr`.
@@ -439,12 +466,14 @@ pub fn create_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     xsdt_entries.push(image.place(&build_madt(cfg))?);
     xsdt_entries.push(image.place(&build_mcfg(&cfg.pci_segment))?);
     let affinity = cfg.memory_affinity();
+    let generic_ports = cfg.generic_ports();
     if !affinity.is_empty() {
-        xsdt_entries.push(image.place(&build_srat(cfg.num_cpus, &affinity)?)?);
+        xsdt_entries.push(image.place(&build_srat(cfg.num_cpus, &affinity, &generic_ports)?)?);
     }
     let hmat_cxl_domains = cfg.hmat_cxl_domains();
     if !hmat_cxl_domains.is_empty() {
-        xsdt_entries.push(image.place(&build_hmat(&hmat_cxl_domains))?);
+        let port_domains: Vec<u32> = generic_ports.iter().map(|&(d, _)| d).collect();
+        xsdt_entries.push(image.place(&build_hmat(&hmat_cxl_domains, &port_domains))?);
     }
     if let Some(cxl) = &cfg.cxl {
         xsdt_entries.push(image.place(&build_cedt(cxl))?);

@@ -837,7 +837,7 @@ fn srat_gives_each_cxl_window_its_domain() {
     cfg.cxl.as_mut().unwrap().windows.push(CxlWindowConfig::new(
         layout::CXL_WINDOW_START + (4 << 30),
         512 << 20,
-        vec![0],
+        vec![CXL_HOST_BRIDGE_UID],
         2,
     ));
     let t = create_acpi_tables(&cfg).unwrap();
@@ -947,8 +947,9 @@ fn hmat_describes_ram_and_the_cxl_domain() {
     assert_eq!(sum(hmat), 0, "checksum");
     assert_eq!(u32_at(hmat, 4) as usize, hmat.len());
     assert_eq!(u32_at(hmat, 36), 0, "reserved");
-    // Header, two proximity domain structures, four locality structures of 1×2 entries.
-    assert_eq!(hmat.len(), 40 + 2 * 40 + 4 * (32 + 4 + 2 * 4 + 2 * 2));
+    // Header, two proximity domain structures, four locality structures of 1×3 entries (RAM,
+    // CXL, and the host bridge's generic port, which has no proximity domain structure).
+    assert_eq!(hmat.len(), 40 + 2 * 40 + 4 * (32 + 4 + 3 * 4 + 3 * 2));
 
     let structures = hmat_structures(hmat);
     let types: Vec<u16> = structures.iter().map(|(ty, _)| *ty).collect();
@@ -956,22 +957,32 @@ fn hmat_describes_ram_and_the_cxl_domain() {
     assert_eq!(structures[0].1, &hmat_proximity(0)[..]);
     assert_eq!(structures[1].1, &hmat_proximity(1)[..]);
     let expected = [
-        (1, 1000, [100, 250]),
-        (2, 1000, [100, 250]),
-        (4, 1, [20_000, 16_000]),
-        (5, 1, [20_000, 16_000]),
+        (1, 1000, [100, 250, 100]),
+        (2, 1000, [100, 250, 100]),
+        (4, 1, [20_000, 16_000, 20_000]),
+        (5, 1, [20_000, 16_000, 20_000]),
     ];
     for ((_, s), (data_type, base, entries)) in structures[2..].iter().zip(expected) {
-        assert_eq!(*s, &hmat_locality(data_type, base, &[0, 1], &entries)[..]);
+        assert_eq!(
+            *s,
+            &hmat_locality(data_type, base, &[0, 1, 2], &entries)[..]
+        );
         // Field offsets as Linux reads them (struct acpi_hmat_locality).
-        assert_eq!(u32_at(s, 4), 48, "length");
+        assert_eq!(u32_at(s, 4), 54, "length");
         assert_eq!(s[9], data_type);
         assert_eq!(u32_at(s, 12), 1, "initiators");
-        assert_eq!(u32_at(s, 16), 2, "targets");
+        assert_eq!(u32_at(s, 16), 3, "targets");
         assert_eq!(u64_at(s, 24), base, "entry base unit");
         assert_eq!(u32_at(s, 32), 0, "initiator domain");
-        assert_eq!((u32_at(s, 36), u32_at(s, 40)), (0, 1), "target domains");
-        assert_eq!((u16_at(s, 44), u16_at(s, 46)), (entries[0], entries[1]));
+        assert_eq!(
+            (u32_at(s, 36), u32_at(s, 40), u32_at(s, 44)),
+            (0, 1, 2),
+            "target domains"
+        );
+        assert_eq!(
+            (u16_at(s, 48), u16_at(s, 50), u16_at(s, 52)),
+            (entries[0], entries[1], entries[2])
+        );
     }
 }
 
@@ -986,19 +997,19 @@ fn hmat_figures_are_what_linux_reports() {
         }
         let data_type = s[9];
         let base = u64_at(s, 24);
-        let values: Vec<u64> = (0..2)
-            .map(|i| linux_hmat_value(u16_at(s, 44 + 2 * i), base, data_type))
+        let values: Vec<u64> = (0..3)
+            .map(|i| linux_hmat_value(u16_at(s, 48 + 2 * i), base, data_type))
             .collect();
         seen.push((data_type, values));
     }
-    // read/write latency in ns, read/write bandwidth in MB/s; DRAM then CXL.
+    // read/write latency in ns, read/write bandwidth in MB/s; DRAM, CXL, generic port.
     assert_eq!(
         seen,
         [
-            (1, vec![100, 250]),
-            (2, vec![100, 250]),
-            (4, vec![20_000, 16_000]),
-            (5, vec![20_000, 16_000]),
+            (1, vec![100, 250, 100]),
+            (2, vec![100, 250, 100]),
+            (4, vec![20_000, 16_000, 20_000]),
+            (5, vec![20_000, 16_000, 20_000]),
         ]
     );
     assert_eq!(u64::from(DRAM_LATENCY_NS), 100);
@@ -1015,7 +1026,7 @@ fn hmat_lists_each_cxl_domain_once() {
         cxl.windows.push(CxlWindowConfig::new(
             layout::CXL_WINDOW_START + (n << 30),
             256 << 20,
-            vec![0],
+            vec![CXL_HOST_BRIDGE_UID],
             domain,
         ));
     }
@@ -1035,17 +1046,17 @@ fn hmat_lists_each_cxl_domain_once() {
         .map(|(_, s)| *s)
         .collect();
     assert_eq!(localities.len(), 4);
-    // 3 targets: the length (54) is not a multiple of 4, and nothing pads it.
+    // 4 targets (the generic port is domain 4, after every other).
     assert_eq!(
         localities[0],
-        &hmat_locality(1, 1000, &[0, 1, 3], &[100, 250, 250])[..]
+        &hmat_locality(1, 1000, &[0, 1, 3, 4], &[100, 250, 250, 100])[..]
     );
-    assert_eq!(localities[0].len(), 32 + 4 + 12 + 6);
+    assert_eq!(localities[0].len(), 32 + 4 + 16 + 8);
     assert_eq!(
         localities[3],
-        &hmat_locality(5, 1, &[0, 1, 3], &[20_000, 16_000, 16_000])[..]
+        &hmat_locality(5, 1, &[0, 1, 3, 4], &[20_000, 16_000, 16_000, 20_000])[..]
     );
-    assert_eq!(hmat.len(), 40 + 3 * 40 + 4 * 54);
+    assert_eq!(hmat.len(), 40 + 3 * 40 + 4 * 60);
 }
 
 #[test]
@@ -1144,12 +1155,13 @@ fn bad_cxl_configs_are_rejected() {
         &invalid_range,
     );
     check(&|c| c.windows[0].targets.clear(), &invalid_cxl);
-    check(&|c| c.windows[0].targets = vec![0, 0], &invalid_cxl);
+    const HB: u32 = CXL_HOST_BRIDGE_UID;
+    check(&|c| c.windows[0].targets = vec![HB, HB], &invalid_cxl);
     check(
-        &|c| c.windows[0].targets = vec![0, 0, 0, 0, 0],
+        &|c| c.windows[0].targets = vec![HB, HB, HB, HB, HB],
         &invalid_cxl,
     );
-    check(&|c| c.windows[0].targets = vec![1], &invalid_cxl);
+    check(&|c| c.windows[0].targets = vec![7], &invalid_cxl);
     // Overlaps: the ECAM, the 64-bit PCI window, RAM, each other.
     check(&|c| c.host_bridges[0].chbcr_base = 0xe000_0000, &overlap);
     check(&|c| c.windows[0].base = layout::PCI_MMIO64_START, &overlap);
@@ -1316,7 +1328,7 @@ fn iasl_disassembles_tables() {
         "Length : 00000028",
         "Memory Proximity Domain : 00000001",
         "Structure Type : 0001 [System Locality Latency and Bandwidth Information]",
-        "Length : 00000030",
+        "Length : 00000036",
         "Data Type : 01",
         "Data Type : 02",
         "Data Type : 04",
@@ -1324,29 +1336,30 @@ fn iasl_disassembles_tables() {
         "Entry Base Unit : 00000000000003E8",
         "Entry Base Unit : 0000000000000001",
         "Target Proximity Domain List : 00000001",
-        "Entry : 0064 Entry : 00FA",
-        "Entry : 4E20 Entry : 3E80",
+        "Target Proximity Domain List : 00000002",
+        "Entry : 0064 Entry : 00FA Entry : 0064",
+        "Entry : 4E20 Entry : 3E80 Entry : 4E20",
     ] {
         assert!(hmat.contains(expected), "HMAT: {expected}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 
-    // Two CXL domains, three targets: the locality structures' length (54) is not a
-    // multiple of 4; iasl must still find every structure.
+    // Two CXL domains and the generic port, four targets: iasl must still find every
+    // structure.
     let mut cfg = cxl_config();
     cfg.cxl.as_mut().unwrap().windows.push(CxlWindowConfig::new(
         layout::CXL_WINDOW_START + (1 << 30),
         256 << 20,
-        vec![0],
+        vec![CXL_HOST_BRIDGE_UID],
         2,
     ));
     let t = create_acpi_tables(&cfg).unwrap();
     let listings = iasl_disassemble(&t, &[b"HMAT"], &dir);
     let hmat = fields(&listings[0].1);
-    assert!(hmat.contains("Length : 00000036"), "{hmat}");
-    assert!(hmat.contains("Target Proximity Domain List : 00000002"));
-    assert!(hmat.contains("Entry : 0064 Entry : 00FA Entry : 00FA Structure Type"));
-    assert!(hmat.contains("Entry : 4E20 Entry : 3E80 Entry : 3E80 Raw Table Data"));
+    assert!(hmat.contains("Length : 0000003C"), "{hmat}");
+    assert!(hmat.contains("Target Proximity Domain List : 00000003"));
+    assert!(hmat.contains("Entry : 0064 Entry : 00FA Entry : 00FA Entry : 0064 Structure Type"));
+    assert!(hmat.contains("Entry : 4E20 Entry : 3E80 Entry : 3E80 Entry : 4E20 Raw Table Data"));
     assert_eq!(hmat.matches("Data Type :").count(), 4);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1537,4 +1550,40 @@ fn iasl_disassembles_the_dmar() {
         assert!(squeezed.contains(expected), "{expected} missing:\n{dmar}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// With CXL the SRAT names the ACPI0016 host bridge as a Generic Port (§5.2.16.7) on a domain of
+/// its own, after every other: Linux's `acpi_get_genport_coordinates` finds it by `_UID` (not 0,
+/// see [`CXL_HOST_BRIDGE_UID`]) and gives `cxl_acpi` the HMAT figures of that domain.
+#[test]
+fn srat_names_the_cxl_host_bridge_as_a_generic_port() {
+    let t = create_acpi_tables(&cxl_config()).unwrap();
+    let (_, srat) = t.find_table(b"SRAT").unwrap();
+    assert_eq!(sum(srat), 0);
+    let mut ports = Vec::new();
+    let mut offset = HEADER_LEN + 12;
+    while offset < srat.len() {
+        let (ty, len) = (srat[offset], srat[offset + 1] as usize);
+        if ty == 6 {
+            ports.push(srat[offset..offset + len].to_vec());
+        }
+        offset += len;
+    }
+    assert_eq!(ports.len(), 1);
+    let p = &ports[0];
+    assert_eq!(p.len(), 32);
+    assert_eq!(p[3], 0, "ACPI device handle");
+    assert_eq!(u32_at(p, 4), 2, "domain after RAM (0) and the window (1)");
+    assert_eq!(&p[8..16], b"ACPI0016");
+    assert_eq!(u32_at(p, 16), CXL_HOST_BRIDGE_UID);
+    assert_ne!(CXL_HOST_BRIDGE_UID, 0);
+    assert_eq!(u32_at(p, 24), 1, "enabled");
+    // Without CXL there is none.
+    let t = tables(2);
+    let (_, srat) = t.find_table(b"SRAT").unwrap();
+    assert!(
+        !srat[HEADER_LEN + 12..]
+            .chunks(16)
+            .any(|c| c[0] == 6 && c[1] == 32)
+    );
 }

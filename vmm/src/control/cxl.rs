@@ -19,8 +19,57 @@ pub struct ControlDevice {
     pub id: String,
     /// Its mailbox command set and state (poison list, event logs, health).
     pub memdev: SharedMemdev,
-    /// Its register model, for the committed HDM decoders (absent in unit tests).
+    /// Its register model, for the committed HDM decoders and RAS injection (absent in unit
+    /// tests).
     pub function: Option<Arc<Mutex<devices::cxl::CxlType3Device>>>,
+    /// The CXL root port above it, which receives its AER error messages.
+    pub root_port: Option<Arc<Mutex<devices::cxl::root_port::CxlRootPort>>>,
+}
+
+/// CXL RAS Uncorrectable Error Status bits by QMP's `CxlUncorErrorType` names (CXL 2.0
+/// 8.2.5.9.1; QEMU qapi/cxl.json).
+const UNCORRECTABLE_ERRORS: &[(&str, u32)] = &[
+    ("cache-data-parity", 0),
+    ("cache-address-parity", 1),
+    ("cache-be-parity", 2),
+    ("cache-data-ecc", 3),
+    ("mem-data-parity", 4),
+    ("mem-address-parity", 5),
+    ("mem-be-parity", 6),
+    ("mem-data-ecc", 7),
+    ("reinit-threshold", 8),
+    ("rsvd-encoding", 9),
+    ("poison-received", 10),
+    ("receiver-overflow", 11),
+    ("internal", 14),
+    ("cxl-ide-tx", 15),
+    ("cxl-ide-rx", 16),
+];
+
+/// CXL RAS Correctable Error Status bits by QMP's `CxlCorErrorType` names (8.2.5.9.4).
+const CORRECTABLE_ERRORS: &[(&str, u32)] = &[
+    ("cache-data-ecc", 0),
+    ("mem-data-ecc", 1),
+    ("crc-threshold", 2),
+    ("retry-threshold", 3),
+    ("cache-poison-received", 4),
+    ("mem-poison-received", 5),
+    ("physical", 6),
+];
+
+/// The status bit of error type `name` in `table`, or a one-line refusal listing the names.
+fn error_bit(table: &[(&str, u32)], name: &str, what: &str) -> Result<u32, String> {
+    table
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bit)| 1 << bit)
+        .ok_or_else(|| {
+            let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown {what} error type '{name}' (one of: {})",
+                names.join(", ")
+            )
+        })
 }
 
 /// The endpoint's committed HDM decoders as JSON (`cxl-state`'s `hdm_decoders`).
@@ -151,6 +200,32 @@ struct DeviceArg {
     device: String,
 }
 
+/// One uncorrectable error of `cxl-inject-uncorrectable-errors`: its type and up to 16
+/// header-log DWORDs (QMP's `CXLUncorErrorRecord`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UncorrectableError {
+    #[serde(rename = "type")]
+    error_type: String,
+    #[serde(default)]
+    header: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UncorrectableArgs {
+    device: String,
+    errors: Vec<UncorrectableError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CorrectableArgs {
+    device: String,
+    #[serde(rename = "type")]
+    error_type: String,
+}
+
 /// A request, tagged by `command`.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
@@ -162,6 +237,8 @@ enum Request {
     CxlInjectGeneralMediaEvent(MediaEventArgs),
     CxlInjectDramEvent(MediaEventArgs),
     CxlInjectMemoryModuleEvent(MemoryModuleArgs),
+    CxlInjectUncorrectableErrors(UncorrectableArgs),
+    CxlInjectCorrectableError(CorrectableArgs),
 }
 
 /// Component ID: up to 16 bytes of text (QEMU takes a string too), zero padded.
@@ -212,8 +289,62 @@ impl ControlTarget {
         op(&mut md).map_err(|e| format!("{id}: {e}"))
     }
 
+    /// Logs an error in device `id`'s RAS and AER registers (`inject` on the endpoint) and
+    /// delivers the message it sends to its root port. The answer says what reached the guest.
+    fn inject_ras(
+        &self,
+        id: &str,
+        inject: impl FnOnce(
+            &mut devices::cxl::CxlType3Device,
+        ) -> Option<devices::pci::aer::ErrorMessage>,
+    ) -> Result<Value, String> {
+        let dev = self.device(id)?;
+        let (Some(function), Some(port)) = (&dev.function, &dev.root_port) else {
+            return Err(format!("{id}: no register model to inject into"));
+        };
+        let message = inject(&mut function.lock().unwrap_or_else(PoisonError::into_inner));
+        let interrupted = message.is_some_and(|m| {
+            port.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .receive_error_message(m)
+        });
+        let message_name = match message {
+            Some(devices::pci::aer::ErrorMessage::Correctable) => "ERR_COR",
+            Some(devices::pci::aer::ErrorMessage::NonFatal) => "ERR_NONFATAL",
+            Some(devices::pci::aer::ErrorMessage::Fatal) => "ERR_FATAL",
+            None => "none",
+        };
+        log::info!(
+            "control: {id}: RAS error injected, message {message_name}, AER interrupt {interrupted}"
+        );
+        Ok(json!({ "message": message_name, "aer_interrupt": interrupted }))
+    }
+
     fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
+            Request::CxlInjectUncorrectableErrors(a) => {
+                if a.errors.is_empty() {
+                    return Err("errors: give at least one {\"type\": ...}".into());
+                }
+                let mut bits = 0;
+                for e in &a.errors {
+                    if e.header.len() > 16 {
+                        return Err(format!(
+                            "header of '{}': {} DWORDs, at most 16 (the RAS header log)",
+                            e.error_type,
+                            e.header.len()
+                        ));
+                    }
+                    bits |= error_bit(UNCORRECTABLE_ERRORS, &e.error_type, "uncorrectable")?;
+                }
+                // The first error's header goes to the header log (QEMU logs the first too).
+                let header = a.errors[0].header.clone();
+                self.inject_ras(&a.device, |f| f.inject_uncorrectable(bits, &header))
+            }
+            Request::CxlInjectCorrectableError(a) => {
+                let bit = error_bit(CORRECTABLE_ERRORS, &a.error_type, "correctable")?;
+                self.inject_ras(&a.device, |f| f.inject_correctable(bit))
+            }
             Request::QueryDevices => Ok(Value::Array(
                 self.devices
                     .iter()

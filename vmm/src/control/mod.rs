@@ -15,6 +15,8 @@
 //! | `cxl-inject-general-media-event` | `device`, `dpa`, optional `log`, `flags`, `descriptor`, `type`, `transaction_type`, `channel`, `rank`, `dram_device`, `component_id` |
 //! | `cxl-inject-dram-event` | as general media, plus `nibble_mask`, `bank_group`, `bank`, `row`, `column` |
 //! | `cxl-inject-memory-module-event` | `device`, optional `log`, `flags`, `type`, `health_status`, `media_status`, `additional_status`, `life_used`, `temperature`, `dirty_shutdown_count`, `corrected_volatile_errors`, `corrected_persistent_errors` |
+//! | `cxl-inject-uncorrectable-errors` | `device`, `errors`: list of `{"type": T, "header": [up to 16 DWORDs]}` (T: QMP's `CxlUncorErrorType` names, e.g. `mem-data-ecc`, `internal`) |
+//! | `cxl-inject-correctable-error` | `device`, `type` (QMP's `CxlCorErrorType` names, e.g. `mem-data-ecc`, `physical`) |
 //! | `iommu-state` | — (with `--iommu vtd`) |
 //! | `iommu-inject-fault` | `device` (PCI address `BB:DD.F`), optional `count` (1..=65535, default 1) |
 //! | `iommu-inject-page-response` | `code` (`failure` or `invalid`), optional `count` (1..=65535, default 1) |
@@ -29,7 +31,10 @@
 //! Injected poison is what the guest's Get Poison List returns (`cxl list -L`, trace event
 //! `cxl_poison`); injected events go into the device's event logs and raise the event
 //! interrupt the guest configured (`cxl_general_media`, `cxl_dram`, `cxl_memory_module` trace
-//! events from `cxl_event_thread()`).
+//! events from `cxl_event_thread()`). Injected RAS errors are logged in the device's RAS
+//! capability and signalled through AER (an internal error at the endpoint, ERR_COR /
+//! ERR_FATAL to its root port, the root port's AER interrupt): the guest's `cxl_pci` error
+//! handlers trace `cxl_aer_correctable_error` / `cxl_aer_uncorrectable_error`.
 //!
 //! # Transports
 //! * Direct: [`ControlListener`] listens on the socket and answers from the device models.
@@ -56,6 +61,7 @@ mod cxl;
 mod dma_engine;
 mod ioat;
 mod iommu;
+mod nic;
 
 pub use iommu::parse_bdf;
 
@@ -96,6 +102,8 @@ pub struct ControlTarget {
     pub ioat: Vec<crate::ioat::IoatHandle>,
     /// The SVA DMA engines (`dma-engine-*` commands), with `--dma-engine`.
     pub dma_engines: Vec<crate::dma_engine::DmaEngineHandle>,
+    /// The vmxnet3 NICs (`nic-*` commands), with `--nic`.
+    pub nics: Vec<crate::nic::NicHandle>,
 }
 
 /// Every command, by family (for the unknown-command error).
@@ -107,6 +115,8 @@ const COMMANDS: &[&str] = &[
     "cxl-inject-general-media-event",
     "cxl-inject-dram-event",
     "cxl-inject-memory-module-event",
+    "cxl-inject-uncorrectable-errors",
+    "cxl-inject-correctable-error",
     "iommu-state",
     "iommu-inject-fault",
     "iommu-inject-page-response",
@@ -114,6 +124,8 @@ const COMMANDS: &[&str] = &[
     "iommu-delay-invalidation-wait",
     "ioat-state",
     "dma-engine-state",
+    "nic-state",
+    "nic-link",
 ];
 
 impl ControlTarget {
@@ -128,6 +140,7 @@ impl ControlTarget {
                 Some(c) if c.starts_with("iommu-") => iommu::handle(self, &request),
                 Some(c) if c.starts_with("ioat-") => ioat::handle(self, &request),
                 Some(c) if c.starts_with("dma-engine-") => dma_engine::handle(self, &request),
+                Some(c) if c.starts_with("nic-") => nic::handle(self, &request),
                 Some(c) => Err(unsupported_qmp_command(line).unwrap_or(format!(
                     "bad request: unknown command '{c}' (commands: {})",
                     COMMANDS.join(", ")
@@ -535,14 +548,6 @@ pub fn client_request(path: &Path, request: &Value, wait: Duration) -> Result<Va
 /// QEMU QMP CXL commands this control API does not offer, with what is missing.
 const UNSUPPORTED_QMP_COMMANDS: &[(&str, &str)] = &[
     (
-        "cxl-inject-uncorrectable-errors",
-        "RAS/AER error signalling is not modelled (no AER on the endpoint, no root port error messages)",
-    ),
-    (
-        "cxl-inject-correctable-error",
-        "RAS/AER error signalling is not modelled (no AER on the endpoint, no root port error messages)",
-    ),
-    (
         "cxl-add-dynamic-capacity",
         "dynamic capacity devices are not modelled",
     ),
@@ -584,9 +589,11 @@ mod tests {
                 id: "cxl0".into(),
                 memdev: SharedMemdev::new(memdev),
                 function: None,
+                root_port: None,
             }],
             iommu: None,
             ioat: Vec::new(),
+            nics: Vec::new(),
             dma_engines: Vec::new(),
         }
     }
@@ -674,8 +681,24 @@ mod tests {
                 "no IOMMU",
             ),
             (
-                r#"{"command":"cxl-inject-correctable-error","device":"cxl0","type":"mem-data-ecc"}"#,
-                "cxl-inject-correctable-error is not supported by this VMM: RAS/AER",
+                r#"{"command":"cxl-add-dynamic-capacity","device":"cxl0"}"#,
+                "cxl-add-dynamic-capacity is not supported by this VMM",
+            ),
+            (
+                r#"{"command":"cxl-inject-correctable-error","device":"cxl0","type":"bit-flip"}"#,
+                "unknown correctable error type 'bit-flip' (one of: cache-data-ecc,",
+            ),
+            (
+                r#"{"command":"cxl-inject-uncorrectable-errors","device":"cxl0","errors":[]}"#,
+                "at least one",
+            ),
+            (
+                r#"{"command":"cxl-inject-uncorrectable-errors","device":"cxl0","errors":[{"type":"internal","header":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]}]}"#,
+                "at most 16",
+            ),
+            (
+                r#"{"command":"cxl-inject-uncorrectable-errors","device":"nope","errors":[{"type":"internal"}]}"#,
+                "no CXL device 'nope'",
             ),
             (
                 r#"{"command":"cxl-state","device":"nope"}"#,
