@@ -71,6 +71,9 @@ done
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# Interleaved CXL regions map each granule run on its own (vmm/src/cxl_interleave.rs): a 1 GiB
+# region at 4 KiB granularity is 262144 mappings, far above the default limit of 65530.
+echo 4194304 > /proc/sys/vm/max_map_count
 [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
 
 # --- modules: KVM (AMD SVM) and 9p over virtio --------------------------------------------------

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
 
+use crate::cxl_interleave::{InterleaveMap, RoutedDevice, WindowRoute};
 use crate::file_lock::FileLock;
 use devices::cxl::{CommittedRange, DecodeTarget, HdmListener, Partition};
 use kvm_ioctls::VmFd;
@@ -353,6 +354,16 @@ impl SlotAllocator {
             free: (first..first + count).rev().collect(),
         }
     }
+
+    /// Takes a free slot number.
+    pub fn pop(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Gives a slot number back.
+    pub fn push(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
 }
 
 /// The VMM's guest memory map, which device DMA (`iommu::DmaSpace`) reads and writes through.
@@ -403,6 +414,8 @@ pub struct MemoryMapper {
     dma: DmaMemory,
     mapped: Mutex<Vec<(CommittedRange, u32)>>,
     name: String,
+    /// Interleaved decoders (2 or more ways) go here with this device's index.
+    interleave: Option<(Arc<InterleaveMap>, usize)>,
 }
 
 impl MemoryMapper {
@@ -422,7 +435,14 @@ impl MemoryMapper {
             dma,
             mapped: Mutex::new(Vec::new()),
             name,
+            interleave: None,
         }
+    }
+
+    /// Sends this device's interleaved decoders (device `index`) to `map`.
+    pub fn with_interleave(mut self, map: Arc<InterleaveMap>, index: usize) -> Self {
+        self.interleave = Some((map, index));
+        self
     }
 
     fn set_slot(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), String> {
@@ -449,6 +469,15 @@ impl HdmListener for MemoryMapper {
         else {
             return Ok(()); // host bridge / port decoders only route; nothing to map
         };
+        if range.interleave.ways > 1 {
+            return match &self.interleave {
+                Some((map, index)) => map.endpoint_committed(*index, range),
+                None => Err(format!(
+                    "{}: interleaved decoders are not supported",
+                    self.name
+                )),
+            };
+        }
         // The DPA space is the backing file: volatile partition first, then persistent.
         let in_partition = match partition {
             Partition::Volatile => dpa_base + range.size <= self.volatile,
@@ -492,6 +521,12 @@ impl HdmListener for MemoryMapper {
     }
 
     fn uncommitted(&self, range: &CommittedRange) {
+        if range.interleave.ways > 1 {
+            if let Some((map, index)) = &self.interleave {
+                map.endpoint_uncommitted(*index, range);
+            }
+            return;
+        }
         let mut mapped = lock(&self.mapped);
         if let Some(pos) = mapped.iter().position(|(r, _)| r == range) {
             let (_, slot) = mapped.remove(pos);
@@ -512,6 +547,23 @@ impl HdmListener for MemoryMapper {
                 range.decoder_index
             );
         }
+    }
+}
+
+/// The host bridge's decoders, seen by the interleave map (they route; the endpoints map).
+struct BridgeListener {
+    map: Arc<InterleaveMap>,
+    index: usize,
+}
+
+impl HdmListener for BridgeListener {
+    fn committed(&self, range: &CommittedRange) -> Result<(), String> {
+        self.map.bridge_committed(self.index, range);
+        Ok(())
+    }
+
+    fn uncommitted(&self, range: &CommittedRange) {
+        self.map.bridge_uncommitted(self.index, range);
     }
 }
 
@@ -565,9 +617,13 @@ pub fn serial_for(id: &str) -> u64 {
     })
 }
 
-/// Size of the fixed memory window for `specs`.
+/// Size of the fixed memory window for `specs`: every device's capacity, rounded up to a
+/// whole interleave set of all of them (256 MiB × devices), so that a region interleaved over
+/// every device fits after Linux aligns its base to that set size.
 pub fn window_size(specs: &[CxlType3Spec]) -> u64 {
-    specs.iter().map(CxlType3Spec::total).sum()
+    let total: u64 = specs.iter().map(CxlType3Spec::total).sum();
+    let set = CXL_GRANULE * (specs.len().max(1) as u64);
+    total.div_ceil(set) * set
 }
 
 /// Commits the decoders at boot as platform firmware would (`--cxl-precommit`): for each
@@ -626,9 +682,7 @@ pub fn build_topology(
     let mut handles = Vec::new();
     let mut ports = Vec::new();
     let mut backings = Vec::new();
-    for (index, spec) in specs.iter().enumerate() {
-        let device_number = root_port_device_number(index);
-        let port_number = device_number;
+    for spec in specs {
         let nested_slot = nested_media
             .iter()
             .find(|(path, _)| *path == spec.backing)
@@ -638,8 +692,35 @@ pub fn build_topology(
             None => Backing::open(&spec.backing, spec.total()),
         }
         .map_err(|e| e.to_string())?;
-        let backing = Arc::new(backing);
-        backings.push(backing.clone());
+        backings.push(Arc::new(backing));
+    }
+    // One host bridge (index 0) that every window targets (CFMWS HBIG 256 B, 1-way): devices
+    // interleave through its decoders' target lists.
+    let interleave = Arc::new(InterleaveMap::new(
+        vm.clone(),
+        slots.clone(),
+        dma.clone(),
+        vec![WindowRoute {
+            window,
+            granularity: 256,
+            host_bridges: vec![0],
+        }],
+        specs
+            .iter()
+            .zip(&backings)
+            .enumerate()
+            .map(|(index, (spec, backing))| RoutedDevice {
+                port_number: root_port_device_number(index),
+                host_bridge: 0,
+                backing: backing.clone(),
+                id: spec.id.clone(),
+            })
+            .collect(),
+    ));
+    for (index, spec) in specs.iter().enumerate() {
+        let device_number = root_port_device_number(index);
+        let port_number = device_number;
+        let backing = backings[index].clone();
         let lsa: Option<Box<dyn LabelStorage>> = if let Some(path) = spec.lsa_path() {
             let storage = if path.exists() {
                 FileLabelStorage::open_existing(&path)
@@ -668,7 +749,8 @@ pub fn build_topology(
             slots.clone(),
             dma.clone(),
             spec.id.clone(),
-        );
+        )
+        .with_interleave(interleave.clone(), index);
         let mut cfg = Type3Config::new(spec.volatile, spec.persistent);
         cfg.serial = serial;
         cfg.windows = vec![window];
@@ -699,7 +781,11 @@ pub fn build_topology(
         });
     }
     let mut hb_cfg = CxlHostBridgeConfig::new(ports, vec![window]);
-    hb_cfg.decoders = (2 * specs.len()).max(2);
+    hb_cfg.decoders = (2 * specs.len()).clamp(2, 10);
+    hb_cfg.listener = Some(Arc::new(BridgeListener {
+        map: interleave.clone(),
+        index: 0,
+    }));
     let host_bridge = Arc::new(Mutex::new(
         CxlHostBridge::new(hb_cfg).map_err(|e| e.to_string())?,
     ));

@@ -12,6 +12,7 @@ mod control;
 mod cpu;
 mod ctl;
 mod cxl;
+mod cxl_interleave;
 mod dma_engine;
 mod file_lock;
 mod host;

@@ -29,13 +29,16 @@
 //! 1. endpoints only: HDM Decoder Enable (global control) and DVSEC Mem_Enable are set (Linux
 //!    never sets the global enable of switch or host bridge decoders, so those are exempt);
 //! 2. decoder n-1 is committed (in-order commit);
-//! 3. interleave ways 1 (IW 0) and a defined granularity (IG ≤ 6);
-//! 4. size ≠ 0, base and size multiples of 256 MiB, end within 2^52;
+//! 3. interleave ways 1, 2, 4 or 8 (IW 0..=3; switches: at most their downstream port count)
+//!    and a defined granularity (IG ≤ 6: 256 B … 16 KiB);
+//! 4. size ≠ 0, base and size multiples of 256 MiB × ways (each target's share is whole
+//!    256 MiB units, the base on an interleave-set boundary), end within 2^52;
 //! 5. the range is inside one of the decoder's windows (CFMWS targeting its host bridge);
 //! 6. no overlap with other committed decoders, and HPA increasing with the decoder index;
-//! 7. endpoints: DPA = Σ_{j<n}(skip_j + size_j) + skip_n, and `[DPA, DPA + size)` lies inside
-//!    one partition (volatile `[0, vol)` or persistent `[vol, vol + pers)`), whose memory type
-//!    the window accepts; switches: target 0 is a known downstream port;
+//! 7. endpoints: DPA = Σ_{j<n}(skip_j + size_j / ways_j) + skip_n, and
+//!    `[DPA, DPA + size / ways)` lies inside one partition (volatile `[0, vol)` or persistent
+//!    `[vol, vol + pers)`), whose memory type the window accepts; switches: target list entries
+//!    `0..ways` are distinct known downstream ports;
 //! 8. the [`HdmListener`] accepts the range (the VMM maps it).
 //!
 //! While committed, base, size, target/skip and the control fields are frozen; clearing Commit
@@ -48,7 +51,7 @@ use std::sync::Arc;
 
 use super::{
     CommittedRange, CxlError, DecodeTarget, DwordRegs, HDM_GRANULE, HdmError, HdmListener,
-    HpaWindow, Partition, dword_read, dword_write, merge,
+    HpaWindow, Interleave, Partition, dword_read, dword_write, merge,
 };
 
 /// Offset of the CXL.cache/CXL.mem registers in the block (Linux `CXL_CM_OFFSET`).
@@ -106,6 +109,10 @@ pub mod hdm {
     /// HDM Decoder Capability: \[3:0\] decoder count, \[7:4\] target count, \[8\] A11:8
     /// interleave capable, \[9\] A14:12 interleave capable.
     pub const CAP: u64 = 0x00;
+    /// Capability: interleave on HPA address bits 11:8 supported.
+    pub const CAP_INTERLEAVE_11_8: u32 = 1 << 8;
+    /// Capability: interleave on HPA address bits 14:12 supported.
+    pub const CAP_INTERLEAVE_14_12: u32 = 1 << 9;
     /// HDM Decoder Global Control: \[0\] Poison On Decode Error Enable, \[1\] HDM Decoder Enable.
     pub const GLOBAL_CTRL: u64 = 0x04;
     /// Global Control: HDM Decoder Enable.
@@ -440,7 +447,11 @@ impl HdmDecoderCapability {
             role: cfg.role,
             decoders: vec![Decoder::default(); cfg.decoder_count],
             global_ctrl: 0,
-            cap: count_enc | (target_count << 4),
+            // Interleave on HPA bits 11:8 and 14:12 (granularity up to 16 KiB at 2/4 ways).
+            cap: count_enc
+                | (target_count << 4)
+                | hdm::CAP_INTERLEAVE_11_8
+                | hdm::CAP_INTERLEAVE_14_12,
             windows: cfg.windows,
             listener: cfg.listener,
             mem_enable: false,
@@ -508,7 +519,7 @@ impl HdmDecoderCapability {
             .iter()
             .filter_map(|d| d.active)
             .find(|r| r.contains(hpa))?;
-        Some((r, r.dpa_base().map(|dpa| dpa + (hpa - r.hpa_base))))
+        Some((r, r.dpa(hpa)))
     }
 
     /// Commits decoder `decoder` the way platform firmware does before the OS boots, so Linux's
@@ -738,13 +749,18 @@ impl HdmDecoderCapability {
         if n > 0 && !self.decoders[n - 1].committed {
             return Err(HdmError::OutOfOrder(n));
         }
-        let iw = ((d.ctrl & hdm::CTRL_IW) >> 4) as u8;
-        if iw != 0 {
-            return Err(HdmError::Interleave(iw));
-        }
-        let ig = (d.ctrl & hdm::CTRL_IG) as u8;
-        if ig > 6 {
-            return Err(HdmError::Granularity(ig));
+        let interleave = Interleave::from_encodings(
+            ((d.ctrl & hdm::CTRL_IW) >> 4) as u8,
+            (d.ctrl & hdm::CTRL_IG) as u8,
+        )?;
+        let ways = interleave.ways;
+        if let HdmRole::Switch { dports } = &self.role
+            && usize::from(ways) > dports.len()
+        {
+            return Err(HdmError::TooManyWays {
+                ways,
+                targets: dports.len(),
+            });
         }
         let (base, size) = (d.base, d.size);
         if size == 0 {
@@ -752,6 +768,12 @@ impl HdmDecoderCapability {
         }
         if !base.is_multiple_of(HDM_GRANULE) || !size.is_multiple_of(HDM_GRANULE) {
             return Err(HdmError::Misaligned { base, size });
+        }
+        // Each target's share is whole 256 MiB units, and the range starts on a boundary of
+        // the whole interleave set (what Linux's region allocation guarantees).
+        let set = HDM_GRANULE * u64::from(ways);
+        if !base.is_multiple_of(set) || !size.is_multiple_of(set) {
+            return Err(HdmError::InterleaveAlignment { base, size, ways });
         }
         if base.checked_add(size).is_none_or(|end| end > HPA_LIMIT) {
             return Err(HdmError::OutOfAddressSpace { base, size });
@@ -780,18 +802,22 @@ impl HdmDecoderCapability {
                 volatile_size,
                 persistent_size,
             } => {
+                // DPA = Σ (skip + size / ways) of the lower decoders + own skip; the lower
+                // decoders are committed, so their IW encodings are valid.
                 let skip = |x: &Decoder| x.targets & !0x0fff_ffff;
+                let share = |x: &Decoder| x.size >> ((x.ctrl & hdm::CTRL_IW) >> 4).min(3);
                 let mut dpa = 0u64;
                 for x in &self.decoders[..n] {
-                    dpa = dpa.saturating_add(skip(x)).saturating_add(x.size);
+                    dpa = dpa.saturating_add(skip(x)).saturating_add(share(x));
                 }
                 dpa = dpa.saturating_add(skip(d));
                 let capacity = volatile_size + persistent_size;
-                let end = dpa.saturating_add(size);
+                let dpa_size = size / u64::from(ways);
+                let end = dpa.saturating_add(dpa_size);
                 if end > capacity {
                     return Err(HdmError::DpaOutOfRange {
                         dpa,
-                        size,
+                        size: dpa_size,
                         capacity,
                     });
                 }
@@ -800,7 +826,10 @@ impl HdmDecoderCapability {
                 } else if dpa >= *volatile_size {
                     (Partition::Persistent, dpa - volatile_size)
                 } else {
-                    return Err(HdmError::SpansPartitions { dpa, size });
+                    return Err(HdmError::SpansPartitions {
+                        dpa,
+                        size: dpa_size,
+                    });
                 };
                 let allowed = windows.iter().any(|w| match partition {
                     Partition::Volatile => w.volatile,
@@ -816,17 +845,26 @@ impl HdmDecoderCapability {
                 }
             }
             HdmRole::Switch { dports } => {
-                let port = d.targets as u8;
-                if !dports.contains(&port) {
-                    return Err(HdmError::UnknownTarget(port));
+                // Target List: byte i is the Port Number of interleave position i.
+                let mut targets = [0u8; 8];
+                for i in 0..usize::from(ways) {
+                    let port = (d.targets >> (8 * i)) as u8;
+                    if !dports.contains(&port) {
+                        return Err(HdmError::UnknownTarget(port));
+                    }
+                    if targets[..i].contains(&port) {
+                        return Err(HdmError::DuplicateTarget(port));
+                    }
+                    targets[i] = port;
                 }
-                DecodeTarget::Port(port)
+                DecodeTarget::Ports(targets)
             }
         };
         Ok(CommittedRange {
             decoder_index: n,
             hpa_base: base,
             size,
+            interleave,
             target,
         })
     }
@@ -1000,9 +1038,22 @@ pub(crate) mod tests {
         size: u64,
         tl_or_skip: u64,
     ) -> Result<(), &'static str> {
+        linux_commit_interleaved(c, hdm, id, base, size, tl_or_skip, (0, 0))
+    }
+
+    /// [`linux_commit`] with the IW and IG encodings `(eiw, eig)`.
+    pub fn linux_commit_interleaved(
+        c: &mut ComponentRegisters,
+        hdm: u64,
+        id: u64,
+        base: u64,
+        size: u64,
+        tl_or_skip: u64,
+        (eiw, eig): (u32, u32),
+    ) -> Result<(), &'static str> {
         let mut ctrl = rd(c, dec(hdm, id, hdm::CTRL));
         ctrl &= !0xff;
-        ctrl |= hdm::CTRL_COMMIT | hdm::CTRL_HOSTONLY;
+        ctrl |= hdm::CTRL_COMMIT | hdm::CTRL_HOSTONLY | (eiw << 4) | eig;
         wr(c, dec(hdm, id, hdm::BASE_HI), (base >> 32) as u32);
         wr(c, dec(hdm, id, hdm::BASE_LO), base as u32);
         wr(c, dec(hdm, id, hdm::SIZE_HI), (size >> 32) as u32);
@@ -1095,8 +1146,9 @@ pub(crate) mod tests {
         // Sub-blocks do not overlap (Linux requests each region separately).
         const { assert!(RAS_OFFSET + ras::LEN <= LINK_OFFSET) };
         const { assert!(LINK_OFFSET + LINK_LEN <= HDM_OFFSET) };
-        // Endpoint: decoder count encoding 1 (2 decoders), target count 0.
-        assert_eq!(rd(&c, HDM_OFFSET), 0x01);
+        // Endpoint: decoder count encoding 1 (2 decoders), target count 0, interleave on
+        // A11:8 and A14:12.
+        assert_eq!(rd(&c, HDM_OFFSET), 0x301);
         // Reset values: everything 0, the global enable off.
         for off in (HDM_OFFSET + 4..HDM_OFFSET + len).step_by(4) {
             assert_eq!(rd(&c, off), 0, "{off:#x}");
@@ -1124,6 +1176,7 @@ pub(crate) mod tests {
                     decoder_index: 0,
                     hpa_base: WIN,
                     size: 2 * M256,
+                    interleave: Interleave::NONE,
                     target: DecodeTarget::Memory {
                         dpa_base: 0,
                         partition: Partition::Volatile,
@@ -1208,7 +1261,7 @@ pub(crate) mod tests {
         assert_eq!(rd(&c, dec(hdm, 0, hdm::BASE_LO)), 0x1000_0000);
         wr(&mut c, dec(hdm, 0, hdm::TL_LO), 0x0fff_ffff);
         assert_eq!(rd(&c, dec(hdm, 0, hdm::TL_LO)), 0);
-        // 2-way interleave and reserved granularity.
+        // 2-way interleave of 256 MiB (a share below 256 MiB) and reserved granularity.
         for ctrl in [hdm::CTRL_COMMIT | (1 << 4), hdm::CTRL_COMMIT | 7] {
             wr(&mut c, dec(hdm, 0, hdm::BASE_LO), WIN as u32);
             wr(&mut c, dec(hdm, 0, hdm::BASE_HI), (WIN >> 32) as u32);
@@ -1442,22 +1495,136 @@ pub(crate) mod tests {
         let mut c = ComponentRegisters::new(false, Some(HdmDecoderCapability::new(cfg).unwrap()));
         let (hdm, _) = probe(&c);
         let (hdm, _) = hdm.unwrap();
-        // 2 decoders, target count 2.
-        assert_eq!(rd(&c, hdm), 0x21);
+        // 2 decoders, target count 2, interleave on A11:8 and A14:12.
+        assert_eq!(rd(&c, hdm), 0x321);
         assert_eq!(
             linux_commit(&mut c, hdm, 0, WIN, GIB, 7),
             Err("EIO"),
             "unknown port"
         );
         linux_commit(&mut c, hdm, 0, WIN, GIB, 2).unwrap();
-        assert_eq!(l.take()[0].1.target, DecodeTarget::Port(2));
+        assert_eq!(
+            l.take()[0].1.target,
+            DecodeTarget::Ports([2, 0, 0, 0, 0, 0, 0, 0])
+        );
         // Target list is a full register (8 port IDs).
         assert_eq!(rd(&c, dec(hdm, 0, hdm::TL_LO)), 2);
         linux_commit(&mut c, hdm, 1, WIN + GIB, GIB, 0x0000_0201).unwrap();
         assert_eq!(
-            c.hdm().unwrap().decode(WIN + GIB).unwrap().0.target,
-            DecodeTarget::Port(1)
+            c.hdm()
+                .unwrap()
+                .decode(WIN + GIB)
+                .unwrap()
+                .0
+                .route(WIN + GIB),
+            Some(1)
         );
+    }
+
+    #[test]
+    fn interleaved_switch_decoders_validate_their_target_lists() {
+        let l = Arc::new(RecordingListener::default());
+        let mut cfg = HdmConfig::switch(vec![2, 3]);
+        cfg.windows = vec![HpaWindow::new(WIN, 4 * GIB)];
+        cfg.listener = Some(l.clone());
+        let mut c = ComponentRegisters::new(false, Some(HdmDecoderCapability::new(cfg).unwrap()));
+        let hdm = probe(&c).0.unwrap().0;
+        let two_4k = (1, 4);
+        for (base, size, tl, il, why) in [
+            (WIN, GIB, 0x0202, two_4k, "the same port twice"),
+            (WIN, GIB, 0x0702, two_4k, "an unknown port in position 1"),
+            (WIN, GIB, 0x0302, (2, 4), "4 ways over 2 ports"),
+            (WIN, GIB, 0x0302, (4, 0), "16 ways"),
+            (WIN, GIB, 0x0302, (1, 7), "a reserved granularity"),
+            (WIN, M256, 0x0302, two_4k, "a 256 MiB range over 2 ways"),
+            (
+                WIN + M256,
+                2 * M256,
+                0x0302,
+                two_4k,
+                "a base off the 512 MiB set boundary",
+            ),
+        ] {
+            assert_eq!(
+                linux_commit_interleaved(&mut c, hdm, 0, base, size, tl, il),
+                Err("EIO"),
+                "{why}"
+            );
+        }
+        assert!(l.take().is_empty(), "nothing committed");
+        linux_commit_interleaved(&mut c, hdm, 0, WIN, GIB, 0x0302, two_4k).unwrap();
+        let r = l.take()[0].1;
+        assert_eq!(
+            r.interleave,
+            Interleave {
+                ways: 2,
+                granularity: 4096
+            }
+        );
+        assert_eq!(r.target, DecodeTarget::Ports([2, 3, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(
+            (r.route(WIN + 0xfff), r.route(WIN + 0x1000)),
+            (Some(2), Some(3))
+        );
+        assert_eq!(r.route(WIN + 0x2000), Some(2));
+    }
+
+    #[test]
+    fn interleaved_endpoint_decoders_take_a_share_of_the_dpa_space() {
+        let (mut c, l, hdm) = enabled_endpoint();
+        // A 2-way 4 KiB RAM region of 2 GiB: this device's share is its whole 1 GiB volatile
+        // partition; then a 2-way 256 B pmem region of 2 GiB: the persistent partition.
+        linux_commit_interleaved(&mut c, hdm, 0, WIN, 2 * GIB, 0, (1, 4)).unwrap();
+        linux_commit_interleaved(&mut c, hdm, 1, WIN + 2 * GIB, 2 * GIB, 0, (1, 0)).unwrap();
+        let ev = l.take();
+        let (ram, pmem) = (ev[0].1, ev[1].1);
+        assert_eq!((ram.dpa_base(), ram.dpa_size()), (Some(0), GIB));
+        assert_eq!(
+            ram.interleave,
+            Interleave {
+                ways: 2,
+                granularity: 4096
+            }
+        );
+        assert_eq!((pmem.dpa_base(), pmem.dpa_size()), (Some(GIB), GIB));
+        assert!(matches!(
+            pmem.target,
+            DecodeTarget::Memory {
+                partition: Partition::Persistent,
+                partition_offset: 0,
+                ..
+            }
+        ));
+        // HPA granule 2 (offset 8 KiB) is this device's granule 1 (DPA 4 KiB).
+        let h = c.hdm().unwrap();
+        assert_eq!(h.decode(WIN + 0x2000 + 7).unwrap().1, Some(0x1007));
+        assert_eq!(
+            h.decode(WIN + 2 * GIB + 0x205).unwrap().1,
+            Some(GIB + 0x105)
+        );
+        assert_eq!(
+            rd(&c, dec(hdm, 0, hdm::CTRL)) & 0xff,
+            0x14,
+            "IW and IG read back"
+        );
+        linux_reset(&mut c, hdm, 1);
+        linux_reset(&mut c, hdm, 0);
+        l.take();
+        // Inconsistent programming maps nothing: a share spanning both partitions, a share past
+        // the device, 8 ways of 1 GiB (a 128 MiB share), an unaligned base.
+        for (base, size, skip, il) in [
+            (WIN, GIB, 3 * M256, (1, 4)),
+            (WIN, 2 * GIB, 6 * M256, (1, 4)),
+            (WIN, GIB, 0, (3, 4)),
+            (WIN + M256, 2 * GIB, 0, (1, 4)),
+        ] {
+            assert_eq!(
+                linux_commit_interleaved(&mut c, hdm, 0, base, size, skip, il),
+                Err("EIO"),
+                "{base:#x}+{size:#x} skip {skip:#x} {il:?}"
+            );
+        }
+        assert!(l.take().is_empty(), "nothing was mapped");
     }
 
     #[test]

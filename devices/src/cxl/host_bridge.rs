@@ -101,10 +101,7 @@ impl CxlHostBridge {
 
     /// The root port a committed decoder routes `hpa` to.
     pub fn route(&self, hpa: u64) -> Option<u8> {
-        match self.component.hdm()?.decode(hpa)?.0.target {
-            super::DecodeTarget::Port(p) => Some(p),
-            super::DecodeTarget::Memory { .. } => None,
-        }
+        self.component.hdm()?.decode(hpa)?.0.route(hpa)
     }
 
     /// Committed decoders.
@@ -173,8 +170,8 @@ mod tests {
         let mut d = [0u8; 4];
         let c = hb.component();
         c.read(HDM_OFFSET, &mut d);
-        // 2 decoders, 1 target, no interleave capabilities needed for 1-way.
-        assert_eq!(u32::from_le_bytes(d), 0x11);
+        // 2 decoders, 1 target, interleave on A11:8 and A14:12.
+        assert_eq!(u32::from_le_bytes(d), 0x311);
     }
 
     #[test]
@@ -189,7 +186,10 @@ mod tests {
         assert_eq!(hb.route(WIN + 2 * GIB + GIB - 1), Some(1));
         assert_eq!(hb.route(WIN + GIB), None);
         let ev = l.take();
-        assert_eq!(ev[1].1.target, DecodeTarget::Port(1));
+        assert_eq!(
+            ev[1].1.target,
+            DecodeTarget::Ports([1, 0, 0, 0, 0, 0, 0, 0])
+        );
         // Wrong port, out of order, outside the window.
         let c = hb.component_mut();
         linux_reset(c, hdm, 1);
@@ -205,7 +205,7 @@ mod tests {
     fn precommit_and_mmio_bus() {
         let (mut hb, l) = bridge();
         let r = hb.precommit(0, WIN, GIB, 1, true).unwrap();
-        assert_eq!(r.target, DecodeTarget::Port(1));
+        assert_eq!(r.target, DecodeTarget::Ports([1, 0, 0, 0, 0, 0, 0, 0]));
         assert_eq!(
             hb.precommit(1, WIN, GIB, 1, false),
             Err(HdmError::Overlap(0))

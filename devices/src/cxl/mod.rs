@@ -160,12 +160,59 @@ pub enum Partition {
     Persistent,
 }
 
+/// Interleave of a committed decoder (CXL 2.0 8.2.5.12.7: IW and IG of the Decoder Control
+/// register), with the address arithmetic of 8.2.5.12.20 / CXL 3.1 8.2.4.20.13 for the modulo
+/// arithmetic this model implements (ways 1, 2, 4, 8; granularity 256 B … 16 KiB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interleave {
+    /// Interleave ways: 1, 2, 4 or 8.
+    pub ways: u8,
+    /// Interleave granularity in bytes: 256 << IG.
+    pub granularity: u32,
+}
+
+impl Interleave {
+    /// No interleave (1-way, 256 B: what Linux programs for a 1-way decoder).
+    pub const NONE: Interleave = Interleave {
+        ways: 1,
+        granularity: 256,
+    };
+
+    /// Decodes the IW and IG fields, or says which one is outside this model's support.
+    pub fn from_encodings(eiw: u8, eig: u8) -> Result<Self, HdmError> {
+        let ways = match eiw {
+            0..=3 => 1u8 << eiw,
+            _ => return Err(HdmError::Interleave(eiw)),
+        };
+        if eig > 6 {
+            return Err(HdmError::Granularity(eig));
+        }
+        Ok(Interleave {
+            ways,
+            granularity: 256 << eig,
+        })
+    }
+
+    /// The target list position an offset from the decoder base goes to.
+    pub fn position(&self, offset: u64) -> usize {
+        ((offset / u64::from(self.granularity)) % u64::from(self.ways)) as usize
+    }
+
+    /// The endpoint's DPA offset for an HPA offset from the decoder base: the interleave
+    /// selector bits `[IG + 8, IG + 8 + log2(ways))` are removed (CXL 3.1 8.2.4.20.13).
+    pub fn dpa_offset(&self, offset: u64) -> u64 {
+        let g = u64::from(self.granularity);
+        (offset / (g * u64::from(self.ways))) * g + offset % g
+    }
+}
+
 /// Where a committed decoder sends its range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeTarget {
     /// Endpoint decoder: device physical addresses.
     Memory {
-        /// First DPA (CXL 2.0 8.2.5.12.20: Σ (skip + size) of lower decoders + own skip).
+        /// First DPA (CXL 2.0 8.2.5.12.20: Σ (skip + size / ways) of lower decoders + own
+        /// skip).
         dpa_base: u64,
         /// The partition the whole range lies in.
         partition: Partition,
@@ -173,9 +220,9 @@ pub enum DecodeTarget {
         /// backing).
         partition_offset: u64,
     },
-    /// Switch / host bridge decoder: the downstream port (Port Number of the root port's
-    /// Link Capabilities) of target list entry 0.
-    Port(u8),
+    /// Switch / host bridge decoder: the downstream ports (Port Numbers of the root ports'
+    /// Link Capabilities) of the target list; entries `0..ways` are meaningful.
+    Ports([u8; 8]),
 }
 
 /// A committed HDM decoder range, as reported to the [`HdmListener`].
@@ -185,8 +232,10 @@ pub struct CommittedRange {
     pub decoder_index: usize,
     /// First host physical address.
     pub hpa_base: u64,
-    /// Length in bytes (multiple of 256 MiB).
+    /// Length in bytes of host physical address space (multiple of 256 MiB × ways).
     pub size: u64,
+    /// Interleave ways and granularity.
+    pub interleave: Interleave,
     /// Where the range goes.
     pub target: DecodeTarget,
 }
@@ -196,13 +245,35 @@ impl CommittedRange {
     pub fn dpa_base(&self) -> Option<u64> {
         match self.target {
             DecodeTarget::Memory { dpa_base, .. } => Some(dpa_base),
-            DecodeTarget::Port(_) => None,
+            DecodeTarget::Ports(_) => None,
         }
+    }
+
+    /// Bytes of device capacity an endpoint decoder decodes: its HPA size over the ways.
+    pub fn dpa_size(&self) -> u64 {
+        self.size / u64::from(self.interleave.ways)
     }
 
     /// True if `hpa` is inside the range.
     pub fn contains(&self, hpa: u64) -> bool {
         hpa >= self.hpa_base && hpa - self.hpa_base < self.size
+    }
+
+    /// Switch / host bridge decoders: the downstream port `hpa` (inside the range) routes to.
+    pub fn route(&self, hpa: u64) -> Option<u8> {
+        match self.target {
+            DecodeTarget::Ports(t) if self.contains(hpa) => {
+                Some(t[self.interleave.position(hpa - self.hpa_base)])
+            }
+            _ => None,
+        }
+    }
+
+    /// Endpoint decoders: the DPA `hpa` (inside the range) decodes to.
+    pub fn dpa(&self, hpa: u64) -> Option<u64> {
+        let base = self.dpa_base()?;
+        self.contains(hpa)
+            .then(|| base + self.interleave.dpa_offset(hpa - self.hpa_base))
     }
 }
 
@@ -235,9 +306,31 @@ pub enum HdmError {
     /// Decoder n committed before decoder n-1.
     #[error("decoder {0} committed before decoder {prev}", prev = .0 - 1)]
     OutOfOrder(usize),
-    /// Interleave ways other than 1 (IW encoding ≠ 0).
-    #[error("interleave ways encoding {0} unsupported (1-way only)")]
+    /// Interleave ways encoding other than 1, 2, 4 or 8 ways (3/6/12-way need CXL 3.0).
+    #[error("interleave ways encoding {0} unsupported (1, 2, 4 or 8 ways)")]
     Interleave(u8),
+    /// More interleave ways than the decoder has targets.
+    #[error("{ways}-way interleave exceeds the decoder's {targets} targets")]
+    TooManyWays {
+        /// Ways programmed.
+        ways: u8,
+        /// Target count of the decoder capability.
+        targets: usize,
+    },
+    /// Size (or base) not a multiple of 256 MiB × ways: each device's share of the range
+    /// must be whole 256 MiB units (CXL 2.0 8.2.5.12.20).
+    #[error("range {base:#x}+{size:#x} is not a multiple of 256 MiB x {ways} ways")]
+    InterleaveAlignment {
+        /// Base HPA.
+        base: u64,
+        /// Size.
+        size: u64,
+        /// Ways programmed.
+        ways: u8,
+    },
+    /// A target list entry within the ways names the same port twice.
+    #[error("target list names port {0} twice")]
+    DuplicateTarget(u8),
     /// Reserved interleave granularity encoding.
     #[error("interleave granularity encoding {0} reserved")]
     Granularity(u8),
@@ -295,7 +388,7 @@ pub enum HdmError {
     /// No window containing the range allows this partition's memory type.
     #[error("no window containing the range accepts {0:?} memory")]
     WindowType(Partition),
-    /// Target list entry 0 names no downstream port.
+    /// A target list entry within the ways names no downstream port.
     #[error("target port {0} does not exist")]
     UnknownTarget(u8),
     /// The VMM refused the mapping.
@@ -318,8 +411,11 @@ pub enum CxlError {
 }
 
 /// Fuzzing entry point: builds a host bridge (CHBCR), a CXL root port and a Type 3 device
-/// (1 GiB volatile + 1 GiB persistent, one 4 GiB window) and interprets `bytes` as guest
-/// accesses to their config spaces, BARs and the CHBCR.
+/// (1 GiB volatile + 1 GiB persistent, one 4 GiB window; the bridge has root ports 1 and 2, so
+/// interleaved target lists are checked) and interprets `bytes` as guest accesses to their
+/// config spaces, BARs and the CHBCR. The listener asserts what every commit must satisfy:
+/// ways 1, 2, 4 or 8, granularity 256 B … 16 KiB, base and size whole 256 MiB × ways, a DPA
+/// share inside one partition, target lists of distinct known ports, no overlap.
 ///
 /// Each step reads: selector (1 byte: bits 2:0 pick type3 config / type3 BAR / root port
 /// config / root port BAR / CHBCR / type3 precommit, bit 3 write, bits 6:4 the access size
@@ -360,15 +456,31 @@ pub fn fuzz_cxl(bytes: &[u8]) {
                     Partition::Persistent => (VOL, PERS),
                 };
                 assert!(
-                    dpa_base >= start && dpa_base + r.size <= start + len,
+                    dpa_base >= start && dpa_base + r.dpa_size() <= start + len,
                     "outside partition"
                 );
                 assert_eq!(partition_offset, dpa_base - start);
             }
+            let ways = r.interleave.ways;
+            assert!(matches!(ways, 1 | 2 | 4 | 8), "{ways} ways");
+            assert!(
+                r.size.is_multiple_of(HDM_GRANULE * u64::from(ways))
+                    && r.hpa_base.is_multiple_of(HDM_GRANULE * u64::from(ways)),
+                "range not a multiple of 256 MiB x ways: {r:?}"
+            );
+            assert!(r.interleave.granularity.is_power_of_two());
+            assert!((256..=16384).contains(&r.interleave.granularity));
+            if let DecodeTarget::Ports(t) = r.target {
+                // The bridge has two root ports (Port Numbers 1 and 2).
+                assert!(ways <= 2, "more ways than targets");
+                let used = &t[..usize::from(ways)];
+                assert!(used.iter().all(|p| [1, 2].contains(p)), "unknown port");
+                assert!(ways == 1 || used[0] != used[1], "a port twice");
+            }
             let mut live = lock(&self.live);
             for x in live.iter() {
-                let same_set = matches!(x.target, DecodeTarget::Port(_))
-                    == matches!(r.target, DecodeTarget::Port(_));
+                let same_set = matches!(x.target, DecodeTarget::Ports(_))
+                    == matches!(r.target, DecodeTarget::Ports(_));
                 assert!(
                     !same_set
                         || r.hpa_base + r.size <= x.hpa_base
@@ -395,7 +507,7 @@ pub fn fuzz_cxl(bytes: &[u8]) {
         CxlRootPort::new(crate::pci::RootPortConfig::cxl(1), msi),
         CxlHostBridge::new(CxlHostBridgeConfig {
             listener: Some(checker.clone()),
-            ..CxlHostBridgeConfig::new(vec![1], window)
+            ..CxlHostBridgeConfig::new(vec![1, 2], window)
         }),
     ) else {
         return;
@@ -466,7 +578,8 @@ mod tests {
             decoder_index: 0,
             hpa_base: 0x1000,
             size: 0x1000,
-            target: DecodeTarget::Port(3),
+            interleave: Interleave::NONE,
+            target: DecodeTarget::Ports([3, 0, 0, 0, 0, 0, 0, 0]),
         };
         assert!(r.contains(0x1fff) && !r.contains(0x2000) && !r.contains(0xfff));
         assert_eq!(r.dpa_base(), None);
@@ -474,6 +587,42 @@ mod tests {
             HdmError::OutOfOrder(1).to_string(),
             "decoder 1 committed before decoder 0"
         );
+    }
+    #[test]
+    fn interleave_arithmetic_removes_the_selector_bits() {
+        // 2-way, 4 KiB: granules alternate between positions 0 and 1, each device's DPA
+        // advancing by one granule every two.
+        let two = Interleave::from_encodings(1, 4).unwrap();
+        assert_eq!((two.ways, two.granularity), (2, 4096));
+        assert_eq!((two.position(0x10), two.dpa_offset(0x10)), (0, 0x10));
+        assert_eq!((two.position(0x1010), two.dpa_offset(0x1010)), (1, 0x10));
+        assert_eq!((two.position(0x2010), two.dpa_offset(0x2010)), (0, 0x1010));
+        // 4-way, 256 B.
+        let four = Interleave::from_encodings(2, 0).unwrap();
+        assert_eq!((four.position(0x7ff), four.dpa_offset(0x7ff)), (3, 0x1ff));
+        assert_eq!(Interleave::from_encodings(0, 0).unwrap(), Interleave::NONE);
+        assert_eq!(Interleave::from_encodings(3, 6).unwrap().granularity, 16384);
+        // 16-way and the CXL 3.0 3/6/12-way encodings are not modelled; IG 7+ is reserved.
+        for eiw in [4u8, 8, 9, 10, 15] {
+            assert_eq!(
+                Interleave::from_encodings(eiw, 0),
+                Err(HdmError::Interleave(eiw))
+            );
+        }
+        assert_eq!(
+            Interleave::from_encodings(0, 7),
+            Err(HdmError::Granularity(7))
+        );
+        let r = CommittedRange {
+            decoder_index: 0,
+            hpa_base: 0x1_0000_0000,
+            size: 1 << 30,
+            interleave: two,
+            target: DecodeTarget::Ports([5, 7, 0, 0, 0, 0, 0, 0]),
+        };
+        assert_eq!(r.route(0x1_0000_0fff), Some(5));
+        assert_eq!(r.route(0x1_0000_1000), Some(7));
+        assert_eq!(r.route(0x1_4000_0000), None);
     }
 }
 

@@ -356,7 +356,7 @@ impl CxlType3Device {
         let (r, dpa) = self.component.hdm()?.decode(hpa)?;
         match r.target {
             super::DecodeTarget::Memory { partition, .. } => Some((partition, dpa?)),
-            super::DecodeTarget::Port(_) => None,
+            super::DecodeTarget::Ports(_) => None,
         }
     }
 
