@@ -39,6 +39,29 @@ fn ctl(sock: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&run.stdout).expect("JSON from vmm ctl")
 }
 
+/// What the control API says about the engine and the IOMMU, for a wait that timed out: a
+/// stall then shows whether the engine was parked on a page request, translating, or idle.
+fn state_report(sock: PathBuf) -> impl FnMut() -> String {
+    move || {
+        ["dma-engine-state", "iommu-state"]
+            .iter()
+            .map(|what| {
+                let run = common::vmm([
+                    "ctl".to_string(),
+                    format!("--control={}", sock.display()),
+                    "--wait=20".to_string(),
+                    what.to_string(),
+                ]);
+                format!(
+                    "vmm ctl {what} (exit {:?}):\n{}{}",
+                    run.status, run.stdout, run.stderr
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// The lines of `out` between `== phase` and the next `== ` marker.
 fn phase<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
     let start = format!("== {name}");
@@ -164,6 +187,7 @@ fn sva_anonymous_memory_munmap_remap_64_processes_and_injected_faults() {
     .map(String::from)
     .to_vec();
     let mut g = common::RunningGuest::start(scratch("anon-console.log"), &args);
+    g.on_stall(state_report(sock.clone()));
     g.wait_for("INJECT-FAILURE");
     let engine_before = ctl(&sock, &["dma-engine-state"]);
     ctl(
@@ -412,9 +436,11 @@ fn backing_has_block(file: &Path, hex: &str) -> bool {
 #[test]
 fn sva_file_backed_ext4_and_xfs_dax_on_cxl_pmem_fault_again_after_writeback() {
     let backing = scratch("pmem.img");
+    let sock = scratch("file.sock");
     let args: Vec<String> = [
         "run".to_string(),
         "--timeout=1200".to_string(),
+        format!("--control={}", sock.display()),
         "--memory=1G".to_string(),
         "--iommu=vtd".to_string(),
         "--dma-engine".to_string(),
@@ -430,6 +456,7 @@ fn sva_file_backed_ext4_and_xfs_dax_on_cxl_pmem_fault_again_after_writeback() {
     ]
     .to_vec();
     let mut g = common::RunningGuest::start(scratch("file-console.log"), &args);
+    g.on_stall(state_report(sock));
     g.wait_for("== end");
     let (status, out, _) = g.finish();
     assert_eq!(status, Some(0), "guest script:\n{out}");

@@ -218,6 +218,8 @@ pub struct RunningGuest {
     unterminated: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
+    /// Run when a wait times out; its text joins the failure message (the VMM's state, say).
+    stall_report: Option<Box<dyn FnMut() -> String>>,
     /// The guest kernel console (`--console-log`), shown when a wait fails.
     console_log: PathBuf,
     _serial: MutexGuard<'static, ()>,
@@ -284,6 +286,7 @@ impl RunningGuest {
             lines,
             seen: Vec::new(),
             unterminated,
+            stall_report: None,
             stderr,
             stderr_thread: Some(stderr_thread),
             console_log,
@@ -302,6 +305,12 @@ impl RunningGuest {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
+    /// Sets what a timed-out wait reports besides the output (e.g. the control API's view of
+    /// the devices, taken before the guest is killed).
+    pub fn on_stall(&mut self, report: impl FnMut() -> String + 'static) {
+        self.stall_report = Some(Box::new(report));
+    }
+
     /// Waits (at most 600 s of silence: one phase of the SVA tests — 16384 page requests under
     /// nested TCG — can take minutes when two guests share the 2 CPUs) for a stdout line
     /// containing `marker` and returns it; panics with
@@ -317,12 +326,13 @@ impl RunningGuest {
                     }
                 }
                 Err(_) => {
+                    let report = self.stall_report.as_mut().map(|f| f()).unwrap_or_default();
                     let _ = self.child.kill();
                     let console = std::fs::read_to_string(&self.console_log).unwrap_or_default();
                     let tail: Vec<&str> = console.lines().rev().take(60).collect();
                     let tail: Vec<&str> = tail.into_iter().rev().collect();
                     panic!(
-                        "guest never printed {marker:?}; stdout so far:\n{}\n--- stderr:\n{}\n--- last lines of the guest console ({}):\n{}",
+                        "guest never printed {marker:?}; stdout so far:\n{}\n--- state when it stalled:\n{report}\n--- stderr:\n{}\n--- last lines of the guest console ({}):\n{}",
                         self.seen.join("\n"),
                         self.stderr.lock().unwrap_or_else(|e| e.into_inner()),
                         self.console_log.display(),

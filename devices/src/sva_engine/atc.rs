@@ -115,13 +115,12 @@ impl Atc {
             read: translation.read,
             write: translation.write,
         };
-        if let Some(old) = self
-            .entries
-            .iter_mut()
-            .find(|e| e.pasid == pasid && e.page == page)
-        {
-            *old = entry;
-        } else if self.entries.len() < ENTRIES {
+        // The new translation supersedes every older one of this PASID that overlaps it (a
+        // read-only 2 MiB entry must not keep answering for a page just translated writable at
+        // 4 KiB: lookup takes the first entry that covers an address).
+        self.entries
+            .retain(|e| !(e.pasid == pasid && e.page < page + size && page < e.page + e.size));
+        if self.entries.len() < ENTRIES {
             self.entries.push(entry);
         } else {
             self.entries[self.next_victim] = entry;
@@ -254,5 +253,33 @@ mod tests {
                 len: 0x1000
             }
         );
+    }
+
+    #[test]
+    fn a_new_translation_supersedes_overlapping_older_entries() {
+        let p = Pasid::new(5);
+        let mut atc = Atc::new();
+        // A read-only 2 MiB entry (a read translation), then the page at 0x20_1000 translated
+        // writable at 4 KiB: a write there must hit the new entry, not stop at the old one.
+        let ro = Translation {
+            page_size: 2 << 20,
+            ..Translation::new(0x4020_0000, 2 << 20, true, false)
+        };
+        assert!(atc.insert(p, 0x20_0000, &ro, atc.generation()));
+        let rw = Translation {
+            page_size: 4096,
+            ..Translation::new(0x9000, 4096, true, true)
+        };
+        assert!(atc.insert(p, 0x20_1000, &rw, atc.generation()));
+        assert_eq!(atc.len(), 1);
+        assert_eq!(
+            atc.lookup(p, 0x20_1008, DmaAccess::Write).map(|h| h.gpa),
+            Some(0x9008)
+        );
+        assert!(atc.lookup(p, 0x20_0000, DmaAccess::Read).is_none());
+        // Another PASID's entries stay.
+        assert!(atc.insert(Pasid::new(6), 0x20_0000, &ro, atc.generation()));
+        assert!(atc.insert(p, 0x20_2000, &rw, atc.generation()));
+        assert_eq!(atc.len(), 3);
     }
 }

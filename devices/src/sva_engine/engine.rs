@@ -29,6 +29,11 @@ use crate::pci::FunctionInterrupts;
 
 /// Page requests per page before the descriptor ends with PAGE_FAILURE.
 pub const MAX_PAGE_REQUESTS_PER_PAGE: u32 = 16;
+/// Translation requests for one access before the descriptor ends with TRANSLATION_FAULT: a
+/// granted translation normally serves the access at once, so only a translation the ATC
+/// cannot hold or an endless stream of invalidations gets here — a fault, never a livelock
+/// that looks like progress (the translation counter keeps moving).
+pub const MAX_TRANSLATIONS_PER_ACCESS: u32 = 256;
 /// The longest pause between two page requests for the same page.
 const MAX_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// Page Request Group Indexes are 9 bits.
@@ -649,6 +654,7 @@ impl Worker {
         };
         let pasid = space.pasid();
         let mut page_requests = 0u32;
+        let mut translations = 0u32;
         loop {
             let ats = {
                 let s = self.shared.state();
@@ -672,6 +678,15 @@ impl Worker {
                 atc.generation()
             };
             let page = address & !(PAGE - 1);
+            translations += 1;
+            if translations > MAX_TRANSLATIONS_PER_ACCESS {
+                log::warn!(
+                    "sva-engine: {kind:?} at {address:#x} (PASID {pasid:?}): \
+                     {MAX_TRANSLATIONS_PER_ACCESS} translations and no usable ATC entry; \
+                     the descriptor ends with a translation fault"
+                );
+                return Err(fault(cstatus::TRANSLATION_FAULT));
+            }
             let translation = space
                 .translation_request(page, PAGE, kind)
                 .map_err(dma_fault)?;
@@ -688,9 +703,19 @@ impl Worker {
                 if translation.untranslated_only {
                     return access(None).map_err(dma_fault);
                 }
-                lock(&self.shared.atc).insert(pasid, page, &translation, generation);
-                // Loop: the access goes through the ATC (or translates again after an
-                // invalidation that raced with the request).
+                let mut atc = lock(&self.shared.atc);
+                if atc.generation() != generation {
+                    // An invalidation raced with the request: translate again.
+                    continue;
+                }
+                if !atc.insert(pasid, page, &translation, generation) {
+                    // Current, but not a translation the ATC holds (an odd size or alignment):
+                    // it serves this access only, under the ATC lock like a hit.
+                    let r = access(Some(translation.gpa + (address - page))).map_err(dma_fault);
+                    drop(atc);
+                    return r;
+                }
+                // Loop: the access goes through the ATC.
                 continue;
             }
             if no_pr {
