@@ -16,6 +16,10 @@
 #   ratio ours CXL/RAM (node 1 / node 0)       the CXL RAM region (NUMA node 1) vs node 0 RAM;
 #                                              goal >= 0.9
 #   ratio ours CXL/RAM (devdax / node 0)       the same region as /dev/dax0.0
+#   ratio ours 2-way 4 KiB region / node 0     a second guest with two 256 MiB devices: the
+#                                              kernel's `cxl create-region -w 2 -g 4096` RAM
+#                                              region (node 1) vs node 0, first touch too;
+#                                              goal >= 0.95; then what 256 B granularity does
 #   ratio QEMU CXL/RAM (devdax / anon, u64)    QEMU 7.2 pmem-only cxl-type3 as devdax vs its
 #                                              RAM (emulated MMIO: smaller size, time-capped,
 #                                              64-bit loads/stores; or why it could not run)

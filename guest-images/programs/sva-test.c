@@ -1159,6 +1159,9 @@ static unsigned wait_completion(struct engine *e, struct completion *c, const ch
 	double interval = 0.02 * procs;
 	long max_pause = 1000L * (procs > 8 ? procs / 8 : 1);
 	double start = now(), deadline = start + opt.timeout_s, next_check = start + interval;
+	/* A long wait says how it is going every 30 s (one process only: --procs' outputs are
+	 * counted line by line), so whoever watches the output sees progress, not silence. */
+	double next_report = start + 30;
 	uint64_t progress = 0;
 	long pause = 20;
 	char state[320];
@@ -1179,6 +1182,13 @@ static unsigned wait_completion(struct engine *e, struct completion *c, const ch
 			if (p != progress) {
 				progress = p;
 				deadline = t + opt.timeout_s;
+			}
+			if (procs == 1 && t > next_report) {
+				engine_state(e, state, sizeof(state));
+				printf("sva-test: waiting for the %s for %.0f s: %s\n", what, t - start,
+				       state);
+				fflush(stdout);
+				next_report = t + 30;
 			}
 			next_check = t + interval;
 		}

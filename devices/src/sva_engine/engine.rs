@@ -52,6 +52,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct EngineCounters {
     /// Descriptors completed (any status).
     pub descriptors_completed: u64,
+    /// When the last descriptor completed (a stalled guest shows how long it has been idle).
+    pub last_completion: Option<std::time::Instant>,
     /// Descriptors completed with SUCCESS.
     pub descriptors_succeeded: u64,
     /// Descriptors completed with another status.
@@ -403,6 +405,7 @@ impl Worker {
             s.ring_head = (s.ring_head + 1) % s.ring_size.max(1);
             s.reg_completed += 1;
             s.counters.descriptors_completed += 1;
+            s.counters.last_completion = Some(std::time::Instant::now());
             s.counters.bytes += outcome.bytes;
             if outcome.status == cstatus::SUCCESS {
                 s.counters.descriptors_succeeded += 1;

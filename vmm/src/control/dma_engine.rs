@@ -51,6 +51,9 @@ pub(super) fn handle(target: &ControlTarget, request: &Value) -> Result<Value, S
                 "atc_entries": s.atc_entries,
                 "counters": {
                     "descriptors_completed": c.descriptors_completed,
+                    "seconds_since_last_completion": c
+                        .last_completion
+                        .map(|t| (t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
                     "descriptors_succeeded": c.descriptors_succeeded,
                     "descriptors_failed": c.descriptors_failed,
                     "bytes": c.bytes,
