@@ -108,6 +108,10 @@ pub const HOST_CPU_MODEL: &str = "EPYC,+svm,+npt,\
 -xsave,-xsaveopt,-xsavec,-xsaves,-xgetbv1,-avx,-avx2,-fma,-f16c,-vaes,-vpclmulqdq,\
 -rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save";
 
+/// The nested host's heartbeat device (see `qemu_args`): a balloon whose statistics QEMU
+/// polls every second; the host image loads `virtio_balloon`.
+const HEARTBEAT_DEVICE: &str = "virtio-balloon-pci,guest-stats-polling-interval=1";
+
 /// Version of the run-directory protocol spoken with `guest-images/init/host-init.sh`.
 const PROTOCOL_VERSION: u32 = 2;
 /// Directories the host replaces with its own file systems: invisible from inside.
@@ -463,13 +467,19 @@ impl Plan {
             &opts.shared_files,
         ));
         let mut push = |s: &str| a.push(OsString::from(s));
-        let cmdline = if self.verbose {
+        let mut cmdline = String::from(if self.verbose {
             "console=ttyS0 panic=-1 mitigations=off"
         } else {
             "console=ttyS0 quiet panic=-1 mitigations=off"
-        };
+        });
+        if let Ok(extra) = std::env::var("VMM_HOST_CMDLINE_EXTRA")
+            && !extra.trim().is_empty()
+        {
+            cmdline.push(' ');
+            cmdline.push_str(extra.trim());
+        }
         push("-append");
-        push(cmdline);
+        push(&cmdline);
         // ttyS0: host console; ttyS1: stdout or the interactive terminal; ttyS2: stderr.
         // ttyS3: the control link, when there is one.
         let ctl = opts
@@ -509,6 +519,14 @@ impl Plan {
         a.push(run);
         a.push("-device".into());
         a.push("virtio-9p-pci,fsdev=fsrun,mount_tag=vmmrun".into());
+        // A heartbeat: QEMU asks the host's balloon driver for memory statistics every second,
+        // an interrupt that wakes the host kernel whatever its own timers do. Under QEMU 7.2's
+        // TCG the host kernel now and then loses its timer interrupt while idle ("soft lockup
+        // - CPU#0 stuck for 23s! [swapper/0:0]" on its console) and then sleeps until some
+        // other interrupt comes: a guest waiting on a timer (sva-test polling a completion
+        // record, a `sleep`) stalled for minutes — until a `vmm ctl` query woke the host.
+        a.push("-device".into());
+        a.push(HEARTBEAT_DEVICE.into());
         if !opts.udp_forwards.is_empty() {
             a.extend(user_network_args(&opts.udp_forwards));
         }
