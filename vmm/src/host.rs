@@ -39,8 +39,13 @@
 //!   QEMU also gets `PR_SET_PDEATHSIG(SIGKILL)` so it never outlives us.
 //!
 //! Knobs read from the environment: `VMM_CACHE_DIR` (else `$HOME/.cache/vmm`), `VMM_QEMU` (QEMU binary, default `qemu-system-x86_64`) and
-//! `VMM_HOST_VERBOSE=1` (host console on stderr, run directory kept); `vmm run` also reads
+//! `VMM_HOST_VERBOSE=1` (host console on stderr, run directory kept),
+//! `VMM_HOST_CMDLINE_EXTRA` (more host kernel parameters, for experiments); `vmm run` also reads
 //! `VMM_HOST_CPUS` (the nested host's vCPUs; default 1, see `DEFAULT_CPUS`).
+//!
+//! The host has a heartbeat device ([`HEARTBEAT_DEVICE`]): QEMU 7.2's TCG now and then loses the
+//! host kernel's timer interrupt while it idles, and a guest waiting on a timer then stalls
+//! until the next interrupt; a balloon whose statistics QEMU polls every second supplies one.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
