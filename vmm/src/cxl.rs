@@ -20,6 +20,9 @@ use vm_memory::{
     GuestRegionMmap, MmapRegion,
 };
 
+/// HDM decoders per Type 3 device.
+pub const ENDPOINT_HDM_DECODERS: usize = 4;
+
 /// Size granule for CXL capacities and HDM ranges (CXL 2.0 8.2.5.12).
 pub const CXL_GRANULE: u64 = 256 << 20;
 
@@ -576,12 +579,15 @@ pub struct CxlTopology {
     pub window: devices::cxl::HpaWindow,
     /// Every device's memory, for [`CxlTopology::flush`].
     pub backings: Vec<Arc<Backing>>,
+    /// Interleaved regions (their shadow copies are written back by [`CxlTopology::flush`]).
+    pub interleave: Arc<InterleaveMap>,
 }
 
 impl CxlTopology {
     /// Writes every device's memory back to its backing file (at the end of a run, however it
     /// ended: the guest's stores are in the page cache already; this makes them durable).
     pub fn flush(&self) {
+        self.interleave.write_back_all();
         for (backing, dev) in self.backings.iter().zip(&self.devices) {
             if let Err(e) = backing.flush() {
                 log::warn!(
@@ -696,7 +702,7 @@ pub fn build_topology(
     }
     // One host bridge (index 0) that every window targets (CFMWS HBIG 256 B, 1-way): devices
     // interleave through its decoders' target lists.
-    let interleave = Arc::new(InterleaveMap::new(
+    let interleave = InterleaveMap::new(
         vm.clone(),
         slots.clone(),
         dma.clone(),
@@ -716,7 +722,7 @@ pub fn build_topology(
                 id: spec.id.clone(),
             })
             .collect(),
-    ));
+    );
     for (index, spec) in specs.iter().enumerate() {
         let device_number = root_port_device_number(index);
         let port_number = device_number;
@@ -753,6 +759,9 @@ pub fn build_topology(
         .with_interleave(interleave.clone(), index);
         let mut cfg = Type3Config::new(spec.volatile, spec.persistent);
         cfg.serial = serial;
+        // Four, as QEMU's Type 3 device has: a RAM and a pmem region plus two more (e.g. one
+        // region per granularity side by side) without tearing any down.
+        cfg.hdm_decoders = ENDPOINT_HDM_DECODERS;
         cfg.windows = vec![window];
         cfg.listener = Some(Arc::new(mapper));
         let device = CxlType3Device::new(cfg, Box::new(SharedMemdev(memdev.clone())), msi.clone())
@@ -781,7 +790,7 @@ pub fn build_topology(
         });
     }
     let mut hb_cfg = CxlHostBridgeConfig::new(ports, vec![window]);
-    hb_cfg.decoders = (2 * specs.len()).clamp(2, 10);
+    hb_cfg.decoders = (ENDPOINT_HDM_DECODERS * specs.len()).clamp(2, 10);
     hb_cfg.listener = Some(Arc::new(BridgeListener {
         map: interleave.clone(),
         index: 0,
@@ -800,6 +809,7 @@ pub fn build_topology(
         devices: handles,
         window,
         backings,
+        interleave,
     })
 }
 

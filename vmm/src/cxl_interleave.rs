@@ -11,15 +11,22 @@
 //! backing file at the DPA the decoders give — then hands that range to KVM as one memory slot
 //! and to device DMA as one region. Guest loads and stores then never exit.
 //!
-//! A page is the smallest thing a mapping can place, so granularities below 4 KiB cannot be
-//! mapped this way: such an endpoint commit is refused (the decoder reports Error Not
-//! Committed and the VMM logs why). Each granule run is one kernel mapping (VMA): a 1 GiB
-//! region at 4 KiB granularity needs 262144 of them, above Linux's default
-//! `vm.max_map_count` (65530); the nested host raises the limit, and elsewhere the commit is
-//! refused with a message naming the sysctl.
+//! Each granule run is one kernel mapping (VMA): a 1 GiB region at 4 KiB granularity needs
+//! 262144 of them, above Linux's default `vm.max_map_count` (65530); the nested host raises the
+//! limit, and elsewhere the commit is refused with a message naming the sysctl.
+//!
+//! **Below a page** (256 B – 2 KiB granularity) a mapping cannot place granules, so such a
+//! region runs from a *shadow*: an anonymous copy of the region, filled from the devices' media
+//! at commit (every granule from the DPA the decoders give), given to KVM with dirty-page
+//! logging and to DMA like a native region, so the guest still runs at native speed. The
+//! copy is written back granule by granule to the devices: the pages the vCPUs dirtied every
+//! [`SHADOW_WRITEBACK_PERIOD`], everything at uncommit and when the run ends. The backing files
+//! therefore trail the guest by up to that period (a VMM killed with SIGKILL loses those
+//! writes; device DMA into the region reaches the files at uncommit or exit).
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once, Weak};
+use std::time::Duration;
 
 use devices::bus::lock;
 use devices::cxl::{CommittedRange, HpaWindow};
@@ -28,8 +35,15 @@ use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
 
 use crate::cxl::{Backing, DmaMemory, SlotAllocator};
 
-/// The smallest interleave granularity mapped natively: one page.
+/// The smallest interleave granularity mapped natively: one page. Finer regions run from a
+/// shadow copy (see the module docs).
 pub const MIN_NATIVE_GRANULARITY: u64 = 4096;
+
+/// How often the pages the vCPUs dirtied in a shadowed region are written back to the devices.
+pub const SHADOW_WRITEBACK_PERIOD: Duration = Duration::from_secs(1);
+
+/// KVM's dirty-log page size.
+const PAGE: u64 = 4096;
 
 /// A CFMWS window as routing sees it: which host bridges its interleave positions name.
 #[derive(Clone, Debug)]
@@ -86,6 +100,9 @@ struct RegionMapping {
     size: u64,
     host: *mut u8,
     slot: u32,
+    /// Sub-page granularity: `host` is a shadow copy and these pieces (sorted by offset) say
+    /// where each granule lives on the devices.
+    shadow: Option<Vec<Piece>>,
 }
 
 // SAFETY: `host` is a mapping owned by the region for its whole life; it is only passed to KVM
@@ -104,6 +121,9 @@ struct State {
 
 /// Maps interleaved regions once their decoders are committed (see the module docs).
 pub struct InterleaveMap {
+    /// This map, for the shadow write-back thread.
+    me: Weak<InterleaveMap>,
+    writeback: Once,
     vm: Arc<VmFd>,
     slots: Arc<Mutex<SlotAllocator>>,
     dma: DmaMemory,
@@ -121,12 +141,14 @@ impl InterleaveMap {
         dma: DmaMemory,
         windows: Vec<WindowRoute>,
         devices: Vec<RoutedDevice>,
-    ) -> Self {
+    ) -> Arc<Self> {
         let routes = devices
             .iter()
             .map(|d| (d.host_bridge, d.port_number))
             .collect();
-        Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            writeback: Once::new(),
             vm,
             slots,
             dma,
@@ -134,22 +156,12 @@ impl InterleaveMap {
             devices,
             routes,
             state: Mutex::new(State::default()),
-        }
+        })
     }
 
-    /// An endpoint decoder of `device` with 2 or more ways committed. Refuses granularities
-    /// below a page; otherwise records it and maps every region now fully decoded.
+    /// An endpoint decoder of `device` with 2 or more ways committed: records it and maps
+    /// every region now fully decoded.
     pub fn endpoint_committed(&self, device: usize, range: &CommittedRange) -> Result<(), String> {
-        let g = u64::from(range.interleave.granularity);
-        if g < MIN_NATIVE_GRANULARITY {
-            return Err(format!(
-                "{}: {}-way interleave at {g}-byte granularity is not supported: regions are \
-                 mapped at native speed, which needs a granularity of at least 4096 bytes \
-                 (cxl create-region -g 4096 or more)",
-                self.devices.get(device).map_or("?", |d| d.id.as_str()),
-                range.interleave.ways
-            ));
-        }
         let mut state = lock(&self.state);
         state.endpoints.push((device, *range));
         self.map_complete_regions(&mut state)
@@ -210,22 +222,43 @@ impl InterleaveMap {
             let Some(pieces) = resolve(&self.windows, &self.routes, state, &range) else {
                 continue; // some decoder on the way is not committed yet
             };
-            let mapping = self.map(base, size, &pieces)?;
+            let mapping = self.map(&range, pieces)?;
             state.regions.push(mapping);
         }
         Ok(())
     }
 
     /// Builds the host mapping of a region from its pieces and gives it to KVM and DMA.
-    fn map(&self, hpa_base: u64, size: u64, pieces: &[Piece]) -> Result<RegionMapping, String> {
-        check_map_count(pieces.len())?;
+    fn map(&self, range: &CommittedRange, pieces: Vec<Piece>) -> Result<RegionMapping, String> {
+        let (hpa_base, size) = (range.hpa_base, range.size);
+        let granularity = u64::from(range.interleave.granularity);
+        let shadowed = granularity < MIN_NATIVE_GRANULARITY;
+        if !shadowed {
+            check_map_count(pieces.len())?;
+        }
         let len = usize::try_from(size).map_err(|e| e.to_string())?;
-        // SAFETY: a fresh reservation (no access) of `len` bytes anywhere; checked below.
+        for p in &pieces {
+            let device = &self.devices[p.device];
+            if device.backing.host_address(p.dpa, p.len).is_none() {
+                return Err(format!(
+                    "{}: DPA {:#x}+{:#x} is outside the device",
+                    device.id, p.dpa, p.len
+                ));
+            }
+        }
+        // A native region starts as a reservation (no access) that the pieces replace; a
+        // shadow is plain anonymous memory.
+        let prot = if shadowed {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_NONE
+        };
+        // SAFETY: a fresh anonymous mapping of `len` bytes anywhere; checked below.
         let host = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_NONE,
+                prot,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
@@ -239,37 +272,36 @@ impl InterleaveMap {
         }
         let host = host.cast::<u8>();
         let release = |why: String| {
-            // SAFETY: unmapping the reservation made above, which nothing else uses yet.
+            // SAFETY: unmapping the mapping made above, which nothing else uses yet.
             unsafe { libc::munmap(host.cast(), len) };
             why
         };
-        for p in pieces {
-            let device = &self.devices[p.device];
-            let (file, dpa0) = device.backing.file();
-            if device.backing.host_address(p.dpa, p.len).is_none() {
-                return Err(release(format!(
-                    "{}: DPA {:#x}+{:#x} is outside the device",
-                    device.id, p.dpa, p.len
-                )));
+        if shadowed {
+            for p in &pieces {
+                self.copy_piece(host, p, 0, p.len, Direction::FromDevice);
             }
-            // SAFETY: replaces pages inside our own reservation (offset + len ≤ size, as the
-            // pieces tile the region) with a shared mapping of a file we hold open.
-            let got = unsafe {
-                libc::mmap(
-                    host.add(p.offset as usize).cast(),
-                    p.len as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_FIXED,
-                    file.as_raw_fd(),
-                    (dpa0 + p.dpa) as libc::off_t,
-                )
-            };
-            if got == libc::MAP_FAILED {
-                let e = std::io::Error::last_os_error();
-                return Err(release(format!(
-                    "mapping {} DPA {:#x}+{:#x} into the region at {hpa_base:#x}: {e}",
-                    device.id, p.dpa, p.len
-                )));
+        } else {
+            for p in &pieces {
+                let (file, dpa0) = self.devices[p.device].backing.file();
+                // SAFETY: replaces pages inside our own reservation (offset + len ≤ size, as
+                // the pieces tile the region) with a shared mapping of a file we hold open.
+                let got = unsafe {
+                    libc::mmap(
+                        host.add(p.offset as usize).cast(),
+                        p.len as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        (dpa0 + p.dpa) as libc::off_t,
+                    )
+                };
+                if got == libc::MAP_FAILED {
+                    let e = std::io::Error::last_os_error();
+                    return Err(release(format!(
+                        "mapping {} DPA {:#x}+{:#x} into the region at {hpa_base:#x}: {e}",
+                        self.devices[p.device].id, p.dpa, p.len
+                    )));
+                }
             }
         }
         let slot = lock(&self.slots)
@@ -277,7 +309,11 @@ impl InterleaveMap {
             .ok_or_else(|| release("no free KVM memory slot for a CXL region".into()))?;
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if shadowed {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: hpa_base,
             memory_size: size,
             userspace_addr: host as u64,
@@ -290,11 +326,16 @@ impl InterleaveMap {
                 "KVM memory slot for the region at {hpa_base:#x}: {e}"
             )));
         }
+        let pieces_count = pieces.len();
+        let mut devices: Vec<usize> = pieces.iter().map(|p| p.device).collect();
+        devices.sort_unstable();
+        devices.dedup();
         let mapping = RegionMapping {
             hpa_base,
             size,
             host,
             slot,
+            shadow: shadowed.then_some(pieces),
         };
         if let Err(e) = self.add_dma(&mapping) {
             self.unmap(mapping);
@@ -302,17 +343,120 @@ impl InterleaveMap {
                 "adding the region at {hpa_base:#x} to the DMA memory map: {e}"
             ));
         }
-        log::info!(
-            "cxl: interleaved region HPA {hpa_base:#x}+{size:#x} mapped in {} pieces over {} devices",
-            pieces.len(),
-            {
-                let mut d: Vec<usize> = pieces.iter().map(|p| p.device).collect();
-                d.sort_unstable();
-                d.dedup();
-                d.len()
-            }
-        );
+        if shadowed {
+            log::info!(
+                "cxl: interleaved region HPA {hpa_base:#x}+{size:#x} at {granularity}-byte \
+                 granularity over {} devices runs from a shadow copy ({pieces_count} granule \
+                 runs; a page cannot place sub-page granules): dirty pages are written back to \
+                 the devices every {} ms, everything at uncommit and at exit",
+                devices.len(),
+                SHADOW_WRITEBACK_PERIOD.as_millis()
+            );
+            self.start_writeback();
+        } else {
+            log::info!(
+                "cxl: interleaved region HPA {hpa_base:#x}+{size:#x} mapped in {pieces_count} \
+                 pieces over {} devices",
+                devices.len()
+            );
+        }
         Ok(mapping)
+    }
+
+    /// Copies `[from, from + len)` of piece `p` (offsets relative to the piece) between the
+    /// shadow at `host` and the piece's device media.
+    fn copy_piece(&self, host: *mut u8, p: &Piece, from: u64, len: u64, direction: Direction) {
+        let device = &self.devices[p.device];
+        debug_assert!(from + len <= p.len);
+        let Some(media) = device.backing.host_address(p.dpa + from, len) else {
+            return; // checked for the whole piece when the region was mapped
+        };
+        let media = media as *mut u8;
+        // SAFETY: `host + offset + from .. + len` lies inside the shadow (the pieces tile the
+        // region) and `media .. + len` inside the device's mapping (checked just above); the two
+        // mappings are distinct, so the ranges do not overlap. Concurrent guest stores make the
+        // copied bytes stale, never invalid; the dirty log catches them next time.
+        unsafe {
+            let shadow = host.add((p.offset + from) as usize);
+            match direction {
+                Direction::FromDevice => std::ptr::copy_nonoverlapping(media, shadow, len as usize),
+                Direction::ToDevice => std::ptr::copy_nonoverlapping(shadow, media, len as usize),
+            }
+        }
+    }
+
+    /// Writes a shadowed region back to its devices: every granule (`all`), or those in pages
+    /// KVM logged as dirty since the last call.
+    fn write_back(&self, m: &RegionMapping, all: bool) {
+        let Some(pieces) = &m.shadow else {
+            return;
+        };
+        if all {
+            for p in pieces {
+                self.copy_piece(m.host, p, 0, p.len, Direction::ToDevice);
+            }
+            return;
+        }
+        let bitmap = match self.vm.get_dirty_log(m.slot, m.size as usize) {
+            Ok(bitmap) => bitmap,
+            Err(e) => {
+                log::error!(
+                    "cxl: dirty log of the shadowed region at {:#x}: {e}; writing all of it back",
+                    m.hpa_base
+                );
+                return self.write_back(m, true);
+            }
+        };
+        for (word_index, &word) in bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let start = (word_index as u64 * 64 + bit) * PAGE;
+                write_back_range(pieces, start, (start + PAGE).min(m.size), |p, from, len| {
+                    self.copy_piece(m.host, p, from, len, Direction::ToDevice);
+                });
+            }
+        }
+    }
+
+    /// Writes back what the vCPUs dirtied in every shadowed region.
+    fn write_back_dirty(&self) {
+        let state = lock(&self.state);
+        for m in &state.regions {
+            self.write_back(m, false);
+        }
+    }
+
+    /// Writes every shadowed region back to its devices in full (the end of a run).
+    pub fn write_back_all(&self) {
+        let state = lock(&self.state);
+        for m in &state.regions {
+            self.write_back(m, true);
+        }
+    }
+
+    /// Starts the thread that writes dirty shadow pages back every
+    /// [`SHADOW_WRITEBACK_PERIOD`] (once; it ends with the map).
+    fn start_writeback(&self) {
+        self.writeback.call_once(|| {
+            let me = self.me.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cxl-writeback".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(SHADOW_WRITEBACK_PERIOD);
+                        let Some(map) = me.upgrade() else { break };
+                        map.write_back_dirty();
+                    }
+                });
+            if let Err(e) = spawned {
+                log::error!(
+                    "cxl: cannot start the shadow write-back thread ({e}); shadowed regions \
+                     reach the backing files only at uncommit and exit"
+                );
+            }
+        });
     }
 
     fn add_dma(&self, m: &RegionMapping) -> Result<(), String> {
@@ -359,6 +503,8 @@ impl InterleaveMap {
             );
         }
         lock(&self.slots).push(m.slot);
+        // The guest can no longer reach the shadow: its last state goes to the devices.
+        self.write_back(&m, true);
         // SAFETY: unmapping exactly the region's reservation, no longer used by KVM or DMA.
         unsafe { libc::munmap(m.host.cast(), m.size as usize) };
         log::info!(
@@ -409,6 +555,29 @@ fn resolve(
         offset += g;
     }
     Some(pieces)
+}
+
+/// Which way [`InterleaveMap::copy_piece`] copies.
+#[derive(Clone, Copy)]
+enum Direction {
+    FromDevice,
+    ToDevice,
+}
+
+/// Calls `copy(piece, from, len)` for each part of `pieces` (sorted by offset, tiling the
+/// region) inside the region offsets `[start, end)`; `from` is relative to the piece.
+fn write_back_range(
+    pieces: &[Piece],
+    start: u64,
+    end: u64,
+    mut copy: impl FnMut(&Piece, u64, u64),
+) {
+    let first = pieces.partition_point(|p| p.offset + p.len <= start);
+    for p in pieces[first..].iter().take_while(|p| p.offset < end) {
+        let from = start.max(p.offset);
+        let to = end.min(p.offset + p.len);
+        copy(p, from - p.offset, to - from);
+    }
 }
 
 /// Refuses a mapping that would need more memory mappings than `vm.max_map_count` leaves.
@@ -598,5 +767,52 @@ mod tests {
                 dpa: 0
             }]
         );
+    }
+
+    #[test]
+    fn a_dirty_page_of_a_256_byte_region_writes_back_its_sixteen_granules() {
+        // 2-way at 256 B: a 4 KiB page holds 16 granules, 8 of each device.
+        let window = WindowRoute {
+            window: HpaWindow::new(WIN, 4 << 30),
+            granularity: 256,
+            host_bridges: vec![0],
+        };
+        let state = State {
+            endpoints: vec![
+                (0, endpoint(WIN, 2 * M256, 2, 256, 0)),
+                (1, endpoint(WIN, 2 * M256, 2, 256, 0)),
+            ],
+            bridges: vec![(0, bridge(WIN, 2 * M256, 256, &[2, 3]))],
+            regions: Vec::new(),
+        };
+        let pieces = route(
+            vec![window],
+            &[(0, 2), (0, 3)],
+            &state,
+            &state.endpoints[0].1,
+        )
+        .unwrap();
+        assert_eq!(pieces.len(), (2 * M256 / 256) as usize);
+        // The second page (region offsets 4096..8192): granules 16..32.
+        let mut copied = Vec::new();
+        write_back_range(&pieces, 4096, 8192, |p, from, len| {
+            copied.push((p.offset, p.device, p.dpa + from, len));
+        });
+        assert_eq!(copied.len(), 16);
+        assert_eq!(copied[0], (4096, 0, 2048, 256));
+        assert_eq!(copied[1], (4096 + 256, 1, 2048, 256));
+        assert_eq!(copied[15], (8192 - 256, 1, 2048 + 7 * 256, 256));
+        // A range cutting a merged piece copies only its part of it.
+        let merged = [Piece {
+            offset: 0,
+            len: 3 * PAGE,
+            device: 0,
+            dpa: 0x10_0000,
+        }];
+        let mut parts = Vec::new();
+        write_back_range(&merged, PAGE, 2 * PAGE, |p, from, len| {
+            parts.push((p.dpa + from, len));
+        });
+        assert_eq!(parts, [(0x10_0000 + PAGE, PAGE)]);
     }
 }

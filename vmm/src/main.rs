@@ -777,6 +777,16 @@ fn guest_command_script(command: &[OsString]) -> Vec<u8> {
     script
 }
 
+/// Room the nested host keeps for the shadow copies of sub-page interleaved CXL regions
+/// (`cxl_interleave`): with two or more devices, their whole capacity (untouched unless such a
+/// region is created: the nested host's memory is allocated as it is used).
+fn shadow_room(cxl_devices: &[cxl::CxlType3Spec]) -> u64 {
+    if cxl_devices.len() < 2 {
+        return 0;
+    }
+    cxl_devices.iter().map(cxl::CxlType3Spec::total).sum()
+}
+
 /// The devices whose host-side resources the nested host must provide: CXL backing files
 /// (NVDIMMs) and NIC fabric ports (forwarded UDP).
 struct NestedDevices<'a> {
@@ -892,7 +902,7 @@ fn run_nested(
         kernel: host_image.bzimage,
         initramfs: host_image.initramfs,
         cpus: nested_host_cpus(),
-        memory_mib: (memory >> 20) + 1536,
+        memory_mib: (memory >> 20) + 1536 + (shadow_room(cxl_devices) >> 20),
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
         control_port,
