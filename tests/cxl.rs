@@ -464,6 +464,129 @@ fn serial_for(id: &str) -> u64 {
     })
 }
 
+/// Guest shell helpers for interleaved regions. `ram_region TAG ROOT G SIZE SEED MEMDEV…` makes
+/// a RAM region under root decoder ROOT at granularity G over the memdevs (in position order),
+/// prints `TAG-region`, its `cxl list -R` line, `TAG-region-resource`, each target's serial and
+/// DPA (`TAG-targetI-serial`, `TAG-targetI-dpa`), turns it into device dax
+/// (`TAG-dax-resource`, `TAG-dax-size`) and fills and checks it with memio pattern SEED.
+/// `by_bridge N` lists the memdevs below host bridge N (root bus 0x00 or 0x80).
+const INTERLEAVE_SHELL: &str = r#"
+        set -e
+        D=/sys/bus/cxl/devices
+        region_of() { sed -n 's/.*"region":"\([^"]*\)".*/\1/p' | head -n 1; }
+        by_bridge() {
+            bus=$([ "$1" = 0 ] && echo pci0000:00 || echo pci0000:80)
+            for m in $D/mem*; do
+                readlink -f $m | grep -q "/$bus/" && basename $m
+            done | sort
+        }
+        ram_region() {
+            tag=$1; root=$2; g=$3; size=$4; seed=$5; shift 5
+            r=$(cxl create-region -t ram -d $root -m -w $# -g $g -s $size "$@" | region_of)
+            echo "$tag-region $r"
+            cxl list -R -r $r | tr -d ' \n'; echo
+            echo "$tag-region-resource $(cat $D/$r/resource)"
+            i=0
+            while [ $i -lt $# ]; do
+                dec=$(cat $D/$r/target$i)
+                ep=endpoint${dec#decoder}; ep=${ep%.*}
+                mem=$(basename $(readlink $D/$ep/uport))
+                echo "$tag-target$i-serial $(cat $D/$mem/serial)"
+                echo "$tag-target$i-dpa $(cat $D/$dec/dpa_resource)"
+                i=$((i + 1))
+            done
+            dax=$(basename $(ls -d $D/$r/dax_$r/dax*.* | head -n 1))
+            daxctl reconfigure-device --mode=devdax --force $dax > /dev/null
+            echo "$tag-dax-resource $(cat /sys/bus/dax/devices/$dax/resource)"
+            echo "$tag-dax-size $(cat /sys/bus/dax/devices/$dax/size)"
+            memio fill /dev/$dax all $seed
+            memio check /dev/$dax all $seed
+        }
+"#;
+
+/// The name and `cxl list -R` line of region `tag` in `out`; asserts its ways and granularity.
+fn assert_region_listing(out: &str, tag: &str, ways: u64, granularity: u64) {
+    let name = out
+        .lines()
+        .find_map(|l| l.strip_prefix(tag)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {tag} line:\n{out}"));
+    let listing = out
+        .lines()
+        .find(|l| l.contains(&format!("\"region\":\"{name}\"")))
+        .unwrap_or_else(|| panic!("no listing of {name}:\n{out}"));
+    let field = |key: &str| {
+        listing
+            .split(&format!("\"{key}\":"))
+            .nth(1)
+            .map(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap_or("")
+            })
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    assert_eq!(field("interleave_ways"), Some(ways), "{listing}");
+    assert_eq!(
+        field("interleave_granularity"),
+        Some(granularity),
+        "{listing}"
+    );
+}
+
+/// Checks on the host that the memio pattern `seed` the guest wrote through region `tag`
+/// (`ways` devices at granularity `g`, reported by `ram_region`) sits where the CXL interleave
+/// math puts it: region offset o is in the device at position (o / g) % ways, at DPA
+/// dpa_base + (o / (ways·g))·g + o % g (the volatile partition starts at file offset 0).
+/// `files[d]` is device `cxl{d}`'s backing file.
+fn assert_interleaved_pattern(
+    out: &str,
+    tag: &str,
+    ways: u64,
+    g: u64,
+    seed: u64,
+    files: &[Vec<u8>],
+) {
+    let region = reported(out, &format!("{tag}-region-resource"));
+    let dax = reported(out, &format!("{tag}-dax-resource"));
+    let size = reported(out, &format!("{tag}-dax-size"));
+    assert!(size > 0, "{tag}: empty dax device");
+    let device_of: Vec<usize> = (0..ways)
+        .map(|i| {
+            let serial = reported(out, &format!("{tag}-target{i}-serial"));
+            (0..files.len())
+                .find(|&d| serial_for(&format!("cxl{d}")) == serial)
+                .unwrap_or_else(|| panic!("{tag}: target{i} serial {serial:#x} is no device"))
+        })
+        .collect();
+    let dpa: Vec<u64> = (0..ways)
+        .map(|i| reported(out, &format!("{tag}-target{i}-dpa")))
+        .collect();
+    let mut checked = 0u64;
+    let mut at = 0u64;
+    while at < size {
+        let o = dax - region + at;
+        let position = ((o / g) % ways) as usize;
+        let file_offset = (dpa[position] + (o / (ways * g)) * g + o % g) as usize;
+        let file = &files[device_of[position]];
+        let found = u64::from_le_bytes(file[file_offset..file_offset + 8].try_into().unwrap());
+        let want = memio_pattern(seed, at);
+        assert_eq!(
+            found, want,
+            "{tag}: dax offset {at:#x} (region offset {o:#x}) should be in target {position} \
+             (cxl{}) at DPA {file_offset:#x}: found {found:#018x}, expected {want:#018x}",
+            device_of[position]
+        );
+        checked += 1;
+        // Every word of the first and last MiB, then one word per half granule.
+        at += if at < (1 << 20) || at + (1 << 20) >= size {
+            8
+        } else {
+            g / 2
+        };
+    }
+    assert!(checked > 200_000, "{tag}: {checked} words checked");
+}
+
 #[test]
 fn two_devices_under_one_host_bridge_interleave_ram_and_pmem_regions() {
     // Issue 11, acceptance 1 (one host bridge): two Type 3 devices behind two root ports of one
@@ -478,34 +601,11 @@ fn two_devices_under_one_host_bridge_interleave_ram_and_pmem_regions() {
     ];
     let imgs = [scratch("il2-a.img"), scratch("il2-b.img")];
     let memio = common::guest_tool("memio");
-    let mut script = String::from(
-        r#"
-        set -e
-        D=/sys/bus/cxl/devices
-        region_of() { sed -n 's/.*"region":"\([^"]*\)".*/\1/p' | head -n 1; }
-        ram_region() {
-            r=$(cxl create-region -t ram -d decoder0.0 -m -w 2 -g $2 -s 512M mem0 mem1 | region_of)
-            echo "$1-region $r"
-            cxl list -R -r $r | tr -d ' \n'; echo
-            echo "$1-region-resource $(cat $D/$r/resource)"
-            for i in 0 1; do
-                dec=$(cat $D/$r/target$i)
-                ep=endpoint${dec#decoder}; ep=${ep%.*}
-                mem=$(basename $(readlink $D/$ep/uport))
-                echo "$1-target$i-serial $(cat $D/$mem/serial)"
-                echo "$1-target$i-dpa $(cat $D/$dec/dpa_resource)"
-            done
-            dax=$(basename $(ls -d $D/$r/dax_$r/dax*.* | head -n 1))
-            daxctl reconfigure-device --mode=devdax --force $dax > /dev/null
-            echo "$1-dax-resource $(cat /sys/bus/dax/devices/$dax/resource)"
-            echo "$1-dax-size $(cat /sys/bus/dax/devices/$dax/size)"
-            memio fill /dev/$dax all $3
-            memio check /dev/$dax all $3
-        }
-        "#,
-    );
+    let mut script = String::from(INTERLEAVE_SHELL);
     for (tag, g, seed) in seeds {
-        script.push_str(&format!("        ram_region {tag} {g} {seed}\n"));
+        script.push_str(&format!(
+            "        ram_region {tag} decoder0.0 {g} 512M {seed} mem0 mem1\n"
+        ));
     }
     script.push_str(
         r#"
@@ -546,31 +646,9 @@ fn two_devices_under_one_host_bridge_interleave_ram_and_pmem_regions() {
     );
     run.expect_status(0);
     let out = &run.stdout;
-    // cxl list -R: the ways and granularity of every region.
-    for (kind, g) in [
-        ("g256-region", 256),
-        ("g4k-region", 4096),
-        ("pmem-region", 4096),
-    ] {
-        let name = out
-            .lines()
-            .find_map(|l| l.strip_prefix(kind)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {kind} line:\n{out}"));
-        let listing = out
-            .lines()
-            .find(|l| l.contains(&format!("\"region\":\"{name}\"")))
-            .unwrap_or_else(|| panic!("no listing of {name}:\n{out}"));
-        assert!(listing.contains("\"interleave_ways\":2"), "{listing}");
-        let shown = listing
-            .split("\"interleave_granularity\":")
-            .nth(1)
-            .map(|rest| {
-                rest.split(|c: char| !c.is_ascii_digit())
-                    .next()
-                    .unwrap_or("")
-            });
-        assert_eq!(shown, Some(g.to_string().as_str()), "{listing}");
-    }
+    assert_region_listing(out, "g256-region", 2, 256);
+    assert_region_listing(out, "g4k-region", 2, 4096);
+    assert_region_listing(out, "pmem-region", 2, 4096);
     assert_eq!(
         out.matches("memio-check path=/dev/dax").count(),
         2,
@@ -583,53 +661,94 @@ fn two_devices_under_one_host_bridge_interleave_ram_and_pmem_regions() {
         "{out}"
     );
     assert!(out.contains("warnings 0"), "{out}");
-
-    // The host: pattern word at region offset o is in the device at position (o / G) % 2, at
-    // DPA dpa_base + (o / 2G) * G + o % G (the volatile partition starts at file offset 0).
     let files: Vec<Vec<u8>> = imgs.iter().map(|i| std::fs::read(i).unwrap()).collect();
     for (tag, g, seed) in seeds {
-        let region = reported(out, &format!("{tag}-region-resource"));
-        let dax = reported(out, &format!("{tag}-dax-resource"));
-        let size = reported(out, &format!("{tag}-dax-size"));
+        assert_interleaved_pattern(out, tag, 2, g, seed, &files);
+    }
+}
+
+#[test]
+fn four_devices_across_two_host_bridges_interleave_4_ways() {
+    // Issue 11, acceptance 1 (two host bridges): devices cxl0, cxl1 on host bridge 0 and
+    // cxl2, cxl3 on host bridge 1 (`host-bridge=1`, root bus 0x80). The windows interleave both
+    // bridges at 4 KiB (decoder0.2) and at 256 B (decoder0.3): a 4-way RAM region in each
+    // (memdevs alternating between the bridges, as the window's interleave positions need),
+    // filled by memio and found on the host where the interleave math says; then a 2-way pmem
+    // region across the bridges (one device each) in the 256 B window (after the RAM regions:
+    // Linux allocates a device's DPA and a port's decoders' HPA in increasing order).
+    let seeds = [
+        ("w4g4k", "decoder0.2", 4096u64, 0x4AAA_0000_0000_4096u64),
+        ("w4g256", "decoder0.3", 256, 0x4AAA_0000_0000_0256),
+    ];
+    let imgs: Vec<_> = (0..4).map(|i| scratch(&format!("il4-{i}.img"))).collect();
+    let memio = common::guest_tool("memio");
+    let mut script = String::from(INTERLEAVE_SHELL);
+    script.push_str(
+        r#"
+        set -- $(by_bridge 0) $(by_bridge 1)
+        [ $# = 4 ] || { echo "expected 4 memdevs, got: $*"; exit 1; }
+        echo "bridge0 $1 $2"; echo "bridge1 $3 $4"
+        ORDER="$1 $3 $2 $4"; PAIR="$2 $4"
+        cxl list -D -d root | tr -d ' \n'; echo
+        "#,
+    );
+    for (tag, root, g, seed) in seeds {
+        script.push_str(&format!(
+            "        ram_region {tag} {root} {g} 1G {seed} $ORDER\n"
+        ));
+    }
+    script.push_str(
+        r#"
+        p=$(cxl create-region -t pmem -d decoder0.3 -m -w 2 $PAIR | region_of)
+        echo "pmem-region $p"
+        cxl list -R -r $p | tr -d ' \n'; echo
+        echo "warnings $(dmesg | grep -c 'WARNING' || true)"
+        "#,
+    );
+    let mut flags = vec![
+        "--memory=1G".to_string(),
+        format!("--guest-file={}", memio.display()),
+    ];
+    for (i, img) in imgs.iter().enumerate() {
+        flags.push(format!(
+            "--cxl-type3=volatile=512M,persistent=256M,backing={},id=cxl{i},host-bridge={}",
+            img.display(),
+            i / 2
+        ));
+    }
+    let run = run_script(&flags, &script);
+    run.expect_status(0);
+    let out = &run.stdout;
+    // The root decoders: one per bridge, then both bridges at 4 KiB and at 256 B.
+    let roots = out
+        .lines()
+        .find(|l| l.contains("\"decoder\":\"decoder0.0\""))
+        .unwrap_or_else(|| panic!("no root decoder listing:\n{out}"));
+    for (decoder, ways, g) in [("decoder0.2", 2, "4096"), ("decoder0.3", 2, "256")] {
+        let entry = roots
+            .split("{\"decoder\":")
+            .find(|e| e.starts_with(&format!("\"{decoder}\"")))
+            .unwrap_or_else(|| panic!("no {decoder}: {roots}"));
         assert!(
-            size > (500 << 20) && size <= 512 << 20,
-            "{tag}: dax size {size}"
+            entry.contains(&format!("\"interleave_ways\":{ways}")),
+            "{entry}"
         );
-        let device_of: Vec<usize> = (0..2)
-            .map(|i| {
-                let serial = reported(out, &format!("{tag}-target{i}-serial"));
-                (0..2)
-                    .find(|&d| serial_for(&format!("cxl{d}")) == serial)
-                    .unwrap_or_else(|| {
-                        panic!("{tag}: target{i} serial {serial:#x} is neither device")
-                    })
-            })
-            .collect();
-        let dpa: Vec<u64> = (0..2)
-            .map(|i| reported(out, &format!("{tag}-target{i}-dpa")))
-            .collect();
-        let mut checked = 0u64;
-        let mut at = 0u64;
-        while at < size {
-            let o = dax - region + at;
-            let position = ((o / g) % 2) as usize;
-            let file_offset = (dpa[position] + (o / (2 * g)) * g + o % g) as usize;
-            let file = &files[device_of[position]];
-            let found = u64::from_le_bytes(file[file_offset..file_offset + 8].try_into().unwrap());
-            let want = memio_pattern(seed, at);
-            assert_eq!(
-                found, want,
-                "{tag}: dax offset {at:#x} (region offset {o:#x}) should be in target {position} \
-                 at DPA {file_offset:#x}: found {found:#018x}, expected {want:#018x}"
-            );
-            checked += 1;
-            // Every word of the first and last MiB, then one word per half granule.
-            at += if at < (1 << 20) || at + (1 << 20) >= size {
-                8
-            } else {
-                g / 2
-            };
-        }
-        assert!(checked > 200_000, "{tag}: {checked} words checked");
+        assert!(
+            entry.contains(&format!("\"interleave_granularity\":{g},")),
+            "{entry}"
+        );
+    }
+    assert_region_listing(out, "w4g4k-region", 4, 4096);
+    assert_region_listing(out, "w4g256-region", 4, 256);
+    assert_region_listing(out, "pmem-region", 2, 256);
+    assert_eq!(
+        out.matches("memio-check path=/dev/dax").count(),
+        2,
+        "both RAM regions checked in the guest:\n{out}"
+    );
+    assert!(out.contains("warnings 0"), "{out}");
+    let files: Vec<Vec<u8>> = imgs.iter().map(|i| std::fs::read(i).unwrap()).collect();
+    for (tag, _, g, seed) in seeds {
+        assert_interleaved_pattern(out, tag, 4, g, seed, &files);
     }
 }

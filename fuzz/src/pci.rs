@@ -205,6 +205,8 @@ pub struct Setup {
     pub endpoints: bool,
     /// Add a second root port at 00:02.0.
     pub second_port: bool,
+    /// Add a second root bus 0x80 with a root port at 80:02.0.
+    pub second_root: bool,
 }
 
 impl Setup {
@@ -212,11 +214,14 @@ impl Setup {
         Setup {
             endpoints: b & 1 != 0,
             second_port: b & 2 != 0,
+            second_root: b & 4 != 0,
         }
     }
 
     fn to_byte(self) -> u8 {
-        u8::from(self.endpoints) | (u8::from(self.second_port) << 1)
+        u8::from(self.endpoints)
+            | (u8::from(self.second_port) << 1)
+            | (u8::from(self.second_root) << 2)
     }
 }
 
@@ -586,6 +591,24 @@ impl Harness {
             msix.push((
                 MsixFunction::RootPort(rp2),
                 Some(RequesterId::new(0, 2, 0)),
+                0,
+            ));
+        }
+        if setup.second_root {
+            rc.add_root_bus(0x80, 128 << 20, 16 << 30)
+                .expect("second root bus");
+            let rp3 = Arc::new(Mutex::new(
+                RootPort::new(RootPortConfig::new(2), msi.clone()).expect("root port on 0x80"),
+            ));
+            rc.add_bridge(
+                addr(0x80, 2, 0),
+                Box::new(Shared(rp3.clone())),
+                BridgeResources::default(),
+            )
+            .expect("root port on the second root bus");
+            msix.push((
+                MsixFunction::RootPort(rp3),
+                Some(RequesterId::new(0x80, 2, 0)),
                 0,
             ));
         }

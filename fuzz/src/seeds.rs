@@ -285,7 +285,31 @@ fn pci_seeds() -> Vec<Seed> {
     let all = pci::Setup {
         endpoints: true,
         second_port: true,
+        second_root: false,
     };
+    // A second root bus (0x80, root port 80:02.0): enumerate it, then point the first root's
+    // port into its bus range (it must not reach the second root's buses) and renumber the
+    // second root's port.
+    let second_root = pci::Setup {
+        endpoints: true,
+        second_port: false,
+        second_root: true,
+    };
+    let rp80 = 2 << 3;
+    let roots = vec![
+        rd(0x80, 0, 0, 4),
+        rd(0x80, rp80, 0, 4),
+        rd(0x80, rp80, 0x18, 4),
+        rd(0x81, 0, 0, 4),
+        wr(0, rp, 0x18, 4, 0x0081_8100),
+        rd(0x81, 0, 0, 4),
+        rd(1, 0, 0, 4),
+        wr(0x80, rp80, 0x18, 4, 0x0090_9080),
+        rd(0x90, 0, 0, 4),
+        rd(0x7f, 0, 0, 4),
+        wr(0x80, rp80, 0x18, 4, 0x0000_0000),
+        rd(0x80, rp80, 0, 4),
+    ];
     vec![
         (
             "pci_root_complex",
@@ -302,6 +326,11 @@ fn pci_seeds() -> Vec<Seed> {
             "pci_root_complex",
             "malformed",
             pci::encode(all, &malformed),
+        ),
+        (
+            "pci_root_complex",
+            "second-root",
+            pci::encode(second_root, &roots),
         ),
     ]
 }

@@ -42,7 +42,10 @@ pub enum CxlConfigError {
     Backing { path: String, reason: String },
 }
 
-/// One `--cxl-type3 volatile=SIZE,persistent=SIZE,backing=PATH[,lsa=PATH][,id=NAME]`.
+/// CXL host bridges a machine can have (`host-bridge=0` or `1`).
+pub const MAX_HOST_BRIDGES: usize = 2;
+
+/// One `--cxl-type3 volatile=SIZE,persistent=SIZE,backing=PATH[,lsa=PATH][,id=NAME][,host-bridge=N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CxlType3Spec {
     pub volatile: u64,
@@ -50,6 +53,8 @@ pub struct CxlType3Spec {
     pub backing: PathBuf,
     pub lsa: Option<PathBuf>,
     pub id: String,
+    /// The CXL host bridge its root port sits on (0: `\_SB.PCI0`, 1: `\_SB.PCI1`).
+    pub host_bridge: usize,
 }
 
 impl CxlType3Spec {
@@ -64,6 +69,7 @@ impl CxlType3Spec {
         let mut backing = None;
         let mut lsa = None;
         let mut id = None;
+        let mut host_bridge = 0;
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part
                 .split_once('=')
@@ -81,6 +87,17 @@ impl CxlType3Spec {
                 "backing" => backing = Some(PathBuf::from(value)),
                 "lsa" => lsa = Some(PathBuf::from(value)),
                 "id" if !value.is_empty() => id = Some(value.to_string()),
+                "host-bridge" => {
+                    host_bridge = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n < MAX_HOST_BRIDGES)
+                        .ok_or_else(|| {
+                            err(format!(
+                                "host-bridge={value}: the machine has CXL host bridges 0 and 1"
+                            ))
+                        })?;
+                }
                 other => return Err(err(format!("unknown key '{other}'"))),
             }
         }
@@ -96,6 +113,7 @@ impl CxlType3Spec {
             backing,
             lsa,
             id: id.unwrap_or_else(|| format!("cxl{index}")),
+            host_bridge,
         })
     }
 
@@ -570,13 +588,18 @@ impl HdmListener for BridgeListener {
     }
 }
 
-/// The CXL machine: one host bridge (`\_SB.PCI0`, UID [`acpi::CXL_HOST_BRIDGE_UID`], CHBCR at `CXL_CHBCR_START`), one CXL
-/// root port per Type 3 device on bus 0, one fixed memory window at `CXL_WINDOW_START` covering
-/// every device's capacity (volatile and persistent allowed).
+/// The CXL machine: host bridge 0 (`\_SB.PCI0`, UID [`crate::acpi::CXL_HOST_BRIDGE_UID`], CHBCR
+/// at `CXL_CHBCR_START`) and, when a device asks for it, host bridge 1 (`\_SB.PCI1`, a root bus
+/// of its own at [`crate::layout::CXL_SECOND_ROOT_BUS`], the next UID and CHBCR); one CXL root
+/// port per Type 3 device on its bridge's root bus; the fixed memory windows of
+/// [`plan_windows`].
 pub struct CxlTopology {
-    pub host_bridge: Arc<Mutex<devices::cxl::CxlHostBridge>>,
+    /// Host bridge `i` of the machine.
+    pub host_bridges: Vec<Arc<Mutex<devices::cxl::CxlHostBridge>>>,
+    /// Root bus resources of each host bridge but the first (`None` for `\_SB.PCI0`).
+    pub root_buses: Vec<Option<devices::pci::RootBusResources>>,
     pub devices: Vec<CxlDeviceHandles>,
-    pub window: devices::cxl::HpaWindow,
+    pub windows: Vec<CxlWindow>,
     /// Every device's memory, for [`CxlTopology::flush`].
     pub backings: Vec<Arc<Backing>>,
     /// Interleaved regions (their shadow copies are written back by [`CxlTopology::flush`]).
@@ -598,6 +621,48 @@ impl CxlTopology {
             }
         }
     }
+
+    /// What the ACPI tables describe: the host bridges (CHBS, ACPI0016 devices) and the
+    /// windows (CFMWS), every window on `proximity_domain`.
+    pub fn acpi_config(&self, proximity_domain: u32) -> crate::acpi::CxlConfig {
+        use crate::acpi::{CxlConfig, CxlHostBridgeConfig, CxlWindowConfig, PciRootConfig};
+        CxlConfig {
+            host_bridges: self
+                .root_buses
+                .iter()
+                .enumerate()
+                .map(|(index, root)| CxlHostBridgeConfig {
+                    uid: host_bridge_uid(index),
+                    chbcr_base: chbcr_base(index),
+                    pci_root: root.map(|r| PciRootConfig {
+                        bus_start: r.bus_start,
+                        bus_end: r.bus_end,
+                        mmio32_base: r.windows.mmio32_base,
+                        mmio32_size: r.windows.mmio32_size,
+                        mmio64_base: r.windows.mmio64_base,
+                        mmio64_size: r.windows.mmio64_size,
+                    }),
+                })
+                .collect(),
+            windows: self
+                .windows
+                .iter()
+                .map(|w| {
+                    let mut config = CxlWindowConfig::new(
+                        w.window.base,
+                        w.window.size,
+                        w.host_bridges
+                            .iter()
+                            .map(|&hb| host_bridge_uid(hb))
+                            .collect(),
+                        proximity_domain,
+                    );
+                    config.granularity = w.granularity as u32;
+                    config
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What the VMM keeps of one Type 3 device after handing it to the root complex.
@@ -611,9 +676,20 @@ pub struct CxlDeviceHandles {
     pub memdev: devices::cxl::memdev::SharedMemdev,
 }
 
-/// PCI device number of the CXL root port of device `index` (00:02.0, 00:03.0, …).
+/// PCI device number of the CXL root port of the `index`-th device on a host bridge (xx:02.0,
+/// xx:03.0, … on the bridge's root bus); also its Port Number.
 pub fn root_port_device_number(index: usize) -> u8 {
     2 + index as u8
+}
+
+/// `_UID` of host bridge `index` (CHBS UID, CFMWS target).
+pub fn host_bridge_uid(index: usize) -> u32 {
+    crate::acpi::CXL_HOST_BRIDGE_UID + index as u32
+}
+
+/// Base of host bridge `index`'s component registers (CHBCR).
+pub fn chbcr_base(index: usize) -> u64 {
+    crate::layout::CXL_CHBCR_START + index as u64 * crate::layout::CXL_CHBCR_SIZE
 }
 
 /// A stable serial number for a device: FNV-1a of its id, so labels survive restarts.
@@ -632,27 +708,98 @@ pub fn window_size(specs: &[CxlType3Spec]) -> u64 {
     total.div_ceil(set) * set
 }
 
+/// One CFMWS window of the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CxlWindow {
+    pub window: devices::cxl::HpaWindow,
+    /// Host bridge indices in interleave order (one: the window does not interleave bridges).
+    pub host_bridges: Vec<usize>,
+    /// Host bridge interleave granularity (CFMWS HBIG) in bytes.
+    pub granularity: u64,
+}
+
+/// Host bridges `specs` use: 1, or 2 when a device asks for `host-bridge=1`.
+pub fn host_bridge_count(specs: &[CxlType3Spec]) -> usize {
+    specs.iter().map(|s| s.host_bridge + 1).max().unwrap_or(1)
+}
+
+/// Alignment of every window's base: a whole 8-way interleave set, so a region of any width
+/// starts at the window's base.
+const WINDOW_ALIGN: u64 = 8 * CXL_GRANULE;
+
+/// The fixed memory windows for `specs`, from `CXL_WINDOW_START`, in CEDT order (Linux's root
+/// decoders `decoder0.0`, `decoder0.1`, …): one per host bridge over its devices' capacity; with
+/// two host bridges, then one interleaving both at 4 KiB (the granularity regions across the
+/// bridges are mapped at native speed with) and one at 256 B, each over every device's
+/// capacity (Linux requires a region across bridges to use the window's granularity).
+pub fn plan_windows(specs: &[CxlType3Spec]) -> Result<Vec<CxlWindow>, String> {
+    let bridges = host_bridge_count(specs);
+    let mut plan: Vec<(u64, Vec<usize>, u64)> = (0..bridges)
+        .map(|hb| {
+            let on: Vec<CxlType3Spec> = specs
+                .iter()
+                .filter(|s| s.host_bridge == hb)
+                .cloned()
+                .collect();
+            (window_size(&on), vec![hb], 256)
+        })
+        .collect();
+    if bridges > 1 {
+        for granularity in [4096, 256] {
+            plan.push((window_size(specs), (0..bridges).collect(), granularity));
+        }
+    }
+    let mut base = crate::layout::CXL_WINDOW_START;
+    let mut windows = Vec::new();
+    for (size, host_bridges, granularity) in plan {
+        windows.push(CxlWindow {
+            window: devices::cxl::HpaWindow::new(base, size),
+            host_bridges,
+            granularity,
+        });
+        base = (base + size).next_multiple_of(WINDOW_ALIGN);
+    }
+    let used = base - crate::layout::CXL_WINDOW_START;
+    if used > crate::layout::CXL_WINDOW_MAX_SIZE {
+        return Err(format!(
+            "CXL devices need {used} bytes of fixed memory windows; the machine has {}",
+            crate::layout::CXL_WINDOW_MAX_SIZE
+        ));
+    }
+    Ok(windows)
+}
+
 /// Commits the decoders at boot as platform firmware would (`--cxl-precommit`): for each
 /// device, one endpoint decoder for the volatile capacity and one for the persistent capacity,
-/// at consecutive HPAs in the window, and matching host bridge decoders targeting its root port.
+/// at consecutive HPAs in its host bridge's own window, and matching host bridge decoders
+/// targeting its root port.
 pub fn precommit(topology: &CxlTopology) -> Result<(), String> {
-    let mut hpa = topology.window.base;
-    let mut hb_decoder = 0;
+    let bridges = topology.host_bridges.len();
+    let mut hpa: Vec<u64> = (0..bridges)
+        .map(|hb| topology.windows[hb].window.base)
+        .collect();
+    let mut hb_decoder = vec![0; bridges];
     for dev in &topology.devices {
+        let hb = dev.spec.host_bridge;
         let mut decoder = 0;
         for size in [dev.spec.volatile, dev.spec.persistent] {
             if size == 0 {
                 continue;
             }
-            lock(&topology.host_bridge)
-                .precommit(hb_decoder, hpa, size, dev.port_number, false)
-                .map_err(|e| format!("{}: host bridge decoder {hb_decoder}: {e}", dev.spec.id))?;
+            lock(&topology.host_bridges[hb])
+                .precommit(hb_decoder[hb], hpa[hb], size, dev.port_number, false)
+                .map_err(|e| {
+                    format!(
+                        "{}: host bridge {hb} decoder {}: {e}",
+                        dev.spec.id, hb_decoder[hb]
+                    )
+                })?;
             lock(&dev.device)
-                .precommit(decoder, hpa, size, 0, false)
+                .precommit(decoder, hpa[hb], size, 0, false)
                 .map_err(|e| format!("{}: decoder {decoder}: {e}", dev.spec.id))?;
-            hpa += size;
+            hpa[hb] += size;
             decoder += 1;
-            hb_decoder += 1;
+            hb_decoder[hb] += 1;
         }
     }
     Ok(())
@@ -676,17 +823,37 @@ pub fn build_topology(
         CxlHostBridge, CxlHostBridgeConfig, CxlRootPort, CxlType3Device, HpaWindow, Type3Config,
     };
 
-    let size = window_size(specs);
-    if size > crate::layout::CXL_WINDOW_MAX_SIZE {
+    let bridges = host_bridge_count(specs);
+    if let Some(hb) = (0..bridges).find(|&hb| specs.iter().all(|s| s.host_bridge != hb)) {
         return Err(format!(
-            "CXL devices total {size} bytes; the fixed memory window holds at most {}",
-            crate::layout::CXL_WINDOW_MAX_SIZE
+            "CXL host bridge {hb} has no --cxl-type3 device (host-bridge={hb}); put devices on \
+             host bridge 0 first"
         ));
     }
-    let window = HpaWindow::new(crate::layout::CXL_WINDOW_START, size);
+    let windows = plan_windows(specs)?;
+    // Windows a host bridge's decoders (and its devices') may commit into.
+    let windows_of = |hb: usize| -> Vec<HpaWindow> {
+        windows
+            .iter()
+            .filter(|w| w.host_bridges.contains(&hb))
+            .map(|w| w.window)
+            .collect()
+    };
+    // Root buses first, before any root port takes bus numbers.
+    let mut root_buses = vec![None];
+    for _ in 1..bridges {
+        root_buses.push(Some(platform.add_root_bus(
+            crate::layout::CXL_SECOND_ROOT_BUS,
+            crate::layout::CXL_SECOND_ROOT_MMIO32_SIZE,
+            crate::layout::CXL_SECOND_ROOT_MMIO64_SIZE,
+        )?));
+    }
+    let root_bus_number = |hb: usize| -> u8 {
+        root_buses[hb].map_or(0, |r: devices::pci::RootBusResources| r.bus_start)
+    };
     let slots = Arc::new(Mutex::new(SlotAllocator::new(16, 64)));
     let mut handles = Vec::new();
-    let mut ports = Vec::new();
+    let mut ports: Vec<Vec<u8>> = vec![Vec::new(); bridges];
     let mut backings = Vec::new();
     for spec in specs {
         let nested_slot = nested_media
@@ -700,32 +867,45 @@ pub fn build_topology(
         .map_err(|e| e.to_string())?;
         backings.push(Arc::new(backing));
     }
-    // One host bridge (index 0) that every window targets (CFMWS HBIG 256 B, 1-way): devices
-    // interleave through its decoders' target lists.
+    // Each device's root port: the next device number on its bridge's root bus.
+    let port_numbers: Vec<u8> = specs
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            let before = specs[..index]
+                .iter()
+                .filter(|s| s.host_bridge == spec.host_bridge)
+                .count();
+            root_port_device_number(before)
+        })
+        .collect();
+    // Interleaved regions route window → host bridge → root port → endpoint.
     let interleave = InterleaveMap::new(
         vm.clone(),
         slots.clone(),
         dma.clone(),
-        vec![WindowRoute {
-            window,
-            granularity: 256,
-            host_bridges: vec![0],
-        }],
+        windows
+            .iter()
+            .map(|w| WindowRoute {
+                window: w.window,
+                granularity: w.granularity,
+                host_bridges: w.host_bridges.clone(),
+            })
+            .collect(),
         specs
             .iter()
             .zip(&backings)
-            .enumerate()
-            .map(|(index, (spec, backing))| RoutedDevice {
-                port_number: root_port_device_number(index),
-                host_bridge: 0,
+            .zip(&port_numbers)
+            .map(|((spec, backing), &port_number)| RoutedDevice {
+                port_number,
+                host_bridge: spec.host_bridge,
                 backing: backing.clone(),
                 id: spec.id.clone(),
             })
             .collect(),
     );
     for (index, spec) in specs.iter().enumerate() {
-        let device_number = root_port_device_number(index);
-        let port_number = device_number;
+        let port_number = port_numbers[index];
         let backing = backings[index].clone();
         let lsa: Option<Box<dyn LabelStorage>> = if let Some(path) = spec.lsa_path() {
             let storage = if path.exists() {
@@ -762,7 +942,7 @@ pub fn build_topology(
         // Four, as QEMU's Type 3 device has: a RAM and a pmem region plus two more (e.g. one
         // region per granularity side by side) without tearing any down.
         cfg.hdm_decoders = ENDPOINT_HDM_DECODERS;
-        cfg.windows = vec![window];
+        cfg.windows = windows_of(spec.host_bridge);
         cfg.listener = Some(Arc::new(mapper));
         let device = CxlType3Device::new(cfg, Box::new(SharedMemdev(memdev.clone())), msi.clone())
             .map_err(|e| format!("{}: {e}", spec.id))?;
@@ -779,8 +959,13 @@ pub fn build_topology(
         let port = CxlRootPort::new(devices::pci::RootPortConfig::cxl(port_number), msi.clone())
             .map_err(|e| e.to_string())?;
         let (port, root_port) = devices::pci::SharedFunction::new(port);
-        platform.add_behind_root_port(device_number, Box::new(port), Box::new(function))?;
-        ports.push(port_number);
+        platform.add_behind_root_port(
+            root_bus_number(spec.host_bridge),
+            port_number,
+            Box::new(port),
+            Box::new(function),
+        )?;
+        ports[spec.host_bridge].push(port_number);
         handles.push(CxlDeviceHandles {
             spec: spec.clone(),
             port_number,
@@ -789,25 +974,31 @@ pub fn build_topology(
             memdev: SharedMemdev(memdev),
         });
     }
-    let mut hb_cfg = CxlHostBridgeConfig::new(ports, vec![window]);
-    hb_cfg.decoders = (ENDPOINT_HDM_DECODERS * specs.len()).clamp(2, 10);
-    hb_cfg.listener = Some(Arc::new(BridgeListener {
-        map: interleave.clone(),
-        index: 0,
-    }));
-    let host_bridge = Arc::new(Mutex::new(
-        CxlHostBridge::new(hb_cfg).map_err(|e| e.to_string())?,
-    ));
-    platform.add_fixed_mmio(
-        "CXL host bridge registers (CHBCR)",
-        crate::layout::CXL_CHBCR_START,
-        crate::layout::CXL_CHBCR_SIZE,
-        host_bridge.clone(),
-    )?;
+    let mut host_bridges = Vec::new();
+    for (hb, ports) in ports.into_iter().enumerate() {
+        let devices_here = ports.len();
+        let mut hb_cfg = CxlHostBridgeConfig::new(ports, windows_of(hb));
+        hb_cfg.decoders = (ENDPOINT_HDM_DECODERS * devices_here).clamp(2, 10);
+        hb_cfg.listener = Some(Arc::new(BridgeListener {
+            map: interleave.clone(),
+            index: hb,
+        }));
+        let host_bridge = Arc::new(Mutex::new(
+            CxlHostBridge::new(hb_cfg).map_err(|e| format!("CXL host bridge {hb}: {e}"))?,
+        ));
+        platform.add_fixed_mmio(
+            &format!("CXL host bridge {hb} registers (CHBCR)"),
+            chbcr_base(hb),
+            crate::layout::CXL_CHBCR_SIZE,
+            host_bridge.clone(),
+        )?;
+        host_bridges.push(host_bridge);
+    }
     Ok(CxlTopology {
-        host_bridge,
+        host_bridges,
+        root_buses,
         devices: handles,
-        window,
+        windows,
         backings,
         interleave,
     })
@@ -866,6 +1057,59 @@ mod tests {
         assert_eq!(s.lsa, Some(PathBuf::from("/var/cxl0.lsa")));
         assert_eq!(s.id, "mem0");
         assert_eq!(s.total(), 768 << 20);
+        assert_eq!(s.host_bridge, 0);
+        let s = CxlType3Spec::parse("volatile=256M,backing=b,host-bridge=1", 0).unwrap();
+        assert_eq!(s.host_bridge, 1);
+    }
+
+    #[test]
+    fn one_bridge_has_one_window_and_two_bridges_add_windows_across_both() {
+        let spec = |hb: usize| CxlType3Spec {
+            volatile: 512 << 20,
+            persistent: 256 << 20,
+            backing: PathBuf::from("b"),
+            lsa: None,
+            id: String::new(),
+            host_bridge: hb,
+        };
+        let start = crate::layout::CXL_WINDOW_START;
+        // One bridge: the window it always had, over every device.
+        let one = plan_windows(&[spec(0), spec(0)]).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].window.base, start);
+        assert_eq!(one[0].window.size, 1536 << 20);
+        assert_eq!(one[0].host_bridges, [0]);
+        // Two bridges: decoder0.0 / decoder0.1 per bridge, decoder0.2 / decoder0.3 across both
+        // at 4 KiB / 256 B; each base a whole 8-way set (2 GiB) after the previous window.
+        let two = plan_windows(&[spec(0), spec(0), spec(1), spec(1)]).unwrap();
+        let summary: Vec<(u64, u64, Vec<usize>, u64)> = two
+            .iter()
+            .map(|w| {
+                (
+                    w.window.base - start,
+                    w.window.size,
+                    w.host_bridges.clone(),
+                    w.granularity,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0, 1536 << 20, vec![0], 256),
+                (2 << 30, 1536 << 20, vec![1], 256),
+                (4 << 30, 3 << 30, vec![0, 1], 4096),
+                (8 << 30, 3 << 30, vec![0, 1], 256),
+            ]
+        );
+        assert_eq!(host_bridge_count(&[spec(0), spec(1)]), 2);
+        // Too much capacity for the windows is refused with the sizes.
+        let huge = CxlType3Spec {
+            volatile: 100 << 30,
+            ..spec(1)
+        };
+        let e = plan_windows(&[spec(0), huge]).unwrap_err();
+        assert!(e.contains("fixed memory windows"), "{e}");
     }
 
     #[test]
@@ -886,6 +1130,11 @@ mod tests {
             ("volatile=1G,backing=b,colour=red", "unknown key 'colour'"),
             ("volatile=lots,backing=b", "'lots'"),
             ("volatile,backing=b", "not key=value"),
+            ("volatile=1G,backing=b,host-bridge=2", "host-bridge=2"),
+            (
+                "volatile=1G,backing=b,host-bridge=x",
+                "host bridges 0 and 1",
+            ),
         ] {
             let e = CxlType3Spec::parse(spec, 0).unwrap_err().to_string();
             assert!(e.contains(needle), "{spec}: {e}");

@@ -98,3 +98,9 @@ pub const CXL_CHBCR_SIZE: u64 = 0x1_0000;
 /// memory into. Above the largest RAM (256 GiB), below the 64-bit PCI window; 256 MiB aligned.
 pub const CXL_WINDOW_START: u64 = 0x40_0000_0000;
 pub const CXL_WINDOW_MAX_SIZE: u64 = 0x40_0000_0000;
+/// The second CXL host bridge (`--cxl-type3 …,host-bridge=1`), `\_SB.PCI1`: root bus 0x80 (so
+/// buses 0x80..=0xff), the top 128 MiB of the 32-bit and the top 16 GiB of the 64-bit PCI
+/// window; its CHBCR follows the first's.
+pub const CXL_SECOND_ROOT_BUS: u8 = 0x80;
+pub const CXL_SECOND_ROOT_MMIO32_SIZE: u64 = 128 << 20;
+pub const CXL_SECOND_ROOT_MMIO64_SIZE: u64 = 16 << 30;

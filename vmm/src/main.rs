@@ -145,8 +145,11 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     console_log: Option<PathBuf>,
     /// Add a CXL 2.0 Type 3 memory device (repeatable):
-    /// `volatile=SIZE,persistent=SIZE,backing=PATH[,lsa=PATH][,id=NAME]`; sizes are multiples
-    /// of 256M, either may be 0. The backing file holds volatile then persistent capacity.
+    /// `volatile=SIZE,persistent=SIZE,backing=PATH[,lsa=PATH][,id=NAME][,host-bridge=0|1]`;
+    /// sizes are multiples of 256M, either may be 0. The backing file holds volatile then
+    /// persistent capacity. `host-bridge=1` puts the device below a second CXL host bridge
+    /// (its own root bus, 80:xx.0); windows: decoder0.0 = host bridge 0, decoder0.1 = host
+    /// bridge 1, decoder0.2 / decoder0.3 = both, interleaved at 4 KiB / 256 B.
     #[arg(long = "cxl-type3", value_name = "SPEC")]
     cxl_type3: Vec<String>,
     /// Commit the CXL HDM decoders at boot, as platform firmware would, so the guest kernel
@@ -445,6 +448,11 @@ fn cmd_run(args: RunArgs, log_level: &str, started: Instant) -> Result<u8, Failu
         .map(vtd::VtdSpec::parse)
         .transpose()
         .map_err(Failure::vmm)?;
+    if cxl::host_bridge_count(&cxl_devices) > 1 && cxl_devices.iter().all(|d| d.host_bridge != 0) {
+        return Err(Failure::vmm(
+            "--cxl-type3 ...,host-bridge=1 needs a device on host bridge 0 too",
+        ));
+    }
     if args.cxl_precommit && cxl_devices.is_empty() {
         return Err(Failure::vmm(
             "--cxl-precommit needs at least one --cxl-type3 device",

@@ -67,10 +67,12 @@ impl Platform {
         })
     }
 
-    /// Adds `port` (a root port, type 1) at 00:`device`.0 and `endpoint` as function 0 of its
-    /// secondary bus; returns the endpoint's address.
+    /// Adds `port` (a root port, type 1) at `root_bus`:`device`.0 (root bus 0, or one made by
+    /// [`Self::add_root_bus`]) and `endpoint` as function 0 of its secondary bus; returns the
+    /// endpoint's address.
     pub fn add_behind_root_port(
         &mut self,
+        root_bus: u8,
         device: u8,
         port: Box<dyn PciDevice>,
         endpoint: Box<dyn PciDevice>,
@@ -79,7 +81,7 @@ impl Platform {
         let mut rc = lock(&self.root_complex);
         let bus = rc
             .add_bridge(
-                PciAddress::new(0, device, 0).map_err(err)?,
+                PciAddress::new(root_bus, device, 0).map_err(err)?,
                 port,
                 BridgeResources::default(),
             )
@@ -119,6 +121,20 @@ impl Platform {
             .add_device(address, function)
             .map_err(err)?;
         Ok(address)
+    }
+
+    /// Adds a further root bus `number` (a second host bridge of the segment) with the top
+    /// `mem_size` / `pref_size` bytes of the 32-bit / 64-bit windows; see
+    /// [`PciRootComplex::add_root_bus`].
+    pub fn add_root_bus(
+        &mut self,
+        number: u8,
+        mem_size: u64,
+        pref_size: u64,
+    ) -> Result<devices::pci::RootBusResources, String> {
+        lock(&self.root_complex)
+            .add_root_bus(number, mem_size, pref_size)
+            .map_err(|e| e.to_string())
     }
 
     /// Maps `device`'s registers at the fixed range `[base, base + size)` (`name` is for

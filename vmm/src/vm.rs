@@ -535,7 +535,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<RunReport, VmError> {
     acpi_config.dmar = vtd.as_ref().map(|(_, dmar)| *dmar);
     if let Some(topology) = &cxl_topology {
         // CXL memory gets its own NUMA node (proximity domain 1).
-        acpi_config.cxl = Some(acpi::CxlConfig::from_layout(topology.window.size, 1));
+        acpi_config.cxl = Some(topology.acpi_config(1));
     }
     let tables =
         acpi::create_acpi_tables(&acpi_config).map_err(|e| VmError::Acpi(e.to_string()))?;

@@ -74,7 +74,7 @@ pub use host_bridge::HostBridge;
 pub use msi::MsiCapability;
 pub use msix::{MsixCapability, MsixTable, MsixTriggerResult};
 pub use pcie::{LinkSpeed, PcieCapabilityConfig, PciePortType};
-pub use root_complex::{BridgeResources, PciRootComplex, PciWindows};
+pub use root_complex::{BridgeResources, PciRootComplex, PciWindows, RootBusResources};
 pub use root_port::{RootPort, RootPortConfig, RootPortCore};
 
 /// Vendor and device IDs of the functions this crate provides.
@@ -112,6 +112,14 @@ pub enum PciError {
     /// No bus with this number is reachable from the root bus.
     #[error("bus {0:#04x} does not exist")]
     NoSuchBus(u8),
+    /// A further root bus cannot be added as asked.
+    #[error("cannot add root bus {number:#04x}: {reason}")]
+    RootBus {
+        /// Its bus number.
+        number: u8,
+        /// Why not.
+        reason: &'static str,
+    },
     /// A function is already present at this address.
     #[error("{0} is already occupied")]
     SlotOccupied(PciAddress),

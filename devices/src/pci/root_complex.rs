@@ -18,6 +18,10 @@
 //!   from the 64-bit window), then sets Memory Space Enable. Bridges get bus numbers and
 //!   windows carved out of their parent's, sized by [`BridgeResources`], so devices can be added
 //!   below them in any order.
+//! - **Several root buses** ([`PciRootComplex::add_root_bus`]): like a PCI expander bridge, a
+//!   further host bridge in the same segment owns the bus numbers from its own up to the next
+//!   root's and a slice of the memory windows; a bus number resolves from the root whose range
+//!   holds it.
 //! - **Config mechanism #1** (0xCF8/0xCFC, PCI Local Bus Spec 3.0, 3.2.2.3.2) for offsets
 //!   below 256 via [`PciRootComplex::pio_read`] / [`PciRootComplex::pio_write`].
 //!
@@ -69,6 +73,17 @@ impl Default for PciWindows {
     }
 }
 
+/// What a further root bus ([`PciRootComplex::add_root_bus`]) owns: its host bridge's `_BBN` and
+/// `_CRS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootBusResources {
+    /// First and last bus number (inclusive).
+    pub bus_start: u8,
+    pub bus_end: u8,
+    /// Its slice of the 32-bit and 64-bit windows.
+    pub windows: PciWindows,
+}
+
 /// Resources reserved below a bridge when it is added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BridgeResources {
@@ -103,8 +118,10 @@ struct Node {
 }
 
 struct Bus {
-    /// Bridge node whose secondary side this bus is; `None` for the root bus.
+    /// Bridge node whose secondary side this bus is; `None` for a root bus.
     bridge: Option<usize>,
+    /// A root bus's number (its host bridge's `_BBN`); unused below a bridge.
+    root_number: u8,
     children: BTreeMap<u8, usize>,
     /// Only device 0 is reachable (below a PCIe downstream port).
     only_device_zero: bool,
@@ -136,6 +153,9 @@ pub struct PciRootComplex {
     nodes: Vec<Node>,
     buses: Vec<Bus>,
     windows: PciWindows,
+    /// What is left of `windows` to the first root bus after [`Self::add_root_bus`] took the
+    /// top of them.
+    first_root_windows: PciWindows,
     /// Memory decode table; `None` when stale.
     decode: Option<Vec<Decode>>,
     /// CONFIG_ADDRESS latch of mechanism #1.
@@ -199,6 +219,7 @@ impl PciRootComplex {
             nodes: Vec::new(),
             buses: vec![Bus {
                 bridge: None,
+                root_number: 0,
                 children: BTreeMap::new(),
                 only_device_zero: false,
                 mem: Some(mem),
@@ -207,6 +228,7 @@ impl PciRootComplex {
                 last_bus: 255,
             }],
             windows,
+            first_root_windows: windows,
             decode: None,
             config_address: 0,
         })
@@ -215,6 +237,12 @@ impl PciRootComplex {
     /// The host bridge windows this root complex allocates from.
     pub fn windows(&self) -> PciWindows {
         self.windows
+    }
+
+    /// The first root bus's windows: [`Self::windows`] less what further root buses took
+    /// (its host bridge's `_CRS`).
+    pub fn first_root_windows(&self) -> PciWindows {
+        self.first_root_windows
     }
 
     /// Adds a function at `address` (bus numbers as currently programmed; bus 0 is the root
@@ -244,6 +272,96 @@ impl PciRootComplex {
         }
         self.add_function(address, bridge, Some(resources))
             .map(|b| b.unwrap_or(0))
+    }
+
+    /// Adds a further root bus numbered `number`, as a second host bridge in the same segment
+    /// (a PCI expander bridge, a second CXL host bridge): bus numbers from `number` to the end
+    /// of the last root's range move to it, and `mem_size` / `pref_size` bytes (whole MiB) at the
+    /// top of the first root bus's 32-bit and 64-bit windows become its windows. Root buses
+    /// are added in increasing bus number order, before the previous root hands out bus numbers
+    /// at or above `number`. Returns what it owns, for its host bridge's `_BBN` and `_CRS`.
+    pub fn add_root_bus(
+        &mut self,
+        number: u8,
+        mem_size: u64,
+        pref_size: u64,
+    ) -> Result<RootBusResources, PciError> {
+        let err = |reason| PciError::RootBus { number, reason };
+        let last_root = (0..self.buses.len())
+            .filter(|&b| self.buses[b].bridge.is_none())
+            .max_by_key(|&b| self.buses[b].root_number)
+            .unwrap_or(0);
+        let previous = &self.buses[last_root];
+        if number <= previous.root_number || u16::from(number) < previous.next_bus {
+            return Err(err("bus numbers at or below it are taken"));
+        }
+        let bus_end = previous.last_bus;
+        if mem_size == 0
+            || pref_size == 0
+            || !mem_size.is_multiple_of(BRIDGE_WINDOW_ALIGN)
+            || !pref_size.is_multiple_of(BRIDGE_WINDOW_ALIGN)
+        {
+            return Err(err("its windows must be whole, non-zero MiB"));
+        }
+        let carve = |alloc: &mut Option<AddressAllocator>, base: u64, size: u64, want: u64| {
+            let range = alloc
+                .as_mut()?
+                .allocate(want, BRIDGE_WINDOW_ALIGN, AllocPolicy::LastMatch)
+                .ok()?;
+            // Only the top of what the first root has left: it keeps one contiguous window.
+            if range.end() == base + size - 1 {
+                Some(range.start())
+            } else {
+                let _ = alloc.as_mut()?.free(&range);
+                None
+            }
+        };
+        let w = self.first_root_windows;
+        let mem = carve(
+            &mut self.buses[0].mem,
+            w.mmio32_base,
+            w.mmio32_size,
+            mem_size,
+        )
+        .ok_or(err("the top of the 32-bit window is taken"))?;
+        let Some(pref) = carve(
+            &mut self.buses[0].pref,
+            w.mmio64_base,
+            w.mmio64_size,
+            pref_size,
+        ) else {
+            if let (Some(a), Ok(range)) = (
+                self.buses[0].mem.as_mut(),
+                RangeInclusive::new(mem, mem + mem_size - 1),
+            ) {
+                let _ = a.free(&range);
+            }
+            return Err(err("the top of the 64-bit window is taken"));
+        };
+        self.first_root_windows.mmio32_size -= mem_size;
+        self.first_root_windows.mmio64_size -= pref_size;
+        let windows = PciWindows {
+            mmio32_base: mem,
+            mmio32_size: mem_size,
+            mmio64_base: pref,
+            mmio64_size: pref_size,
+        };
+        self.buses[last_root].last_bus = number - 1;
+        self.buses.push(Bus {
+            bridge: None,
+            root_number: number,
+            children: BTreeMap::new(),
+            only_device_zero: false,
+            mem: AddressAllocator::new(mem, mem_size).ok(),
+            pref: AddressAllocator::new(pref, pref_size).ok(),
+            next_bus: u16::from(number) + 1,
+            last_bus: bus_end,
+        });
+        Ok(RootBusResources {
+            bus_start: number,
+            bus_end,
+            windows,
+        })
     }
 
     /// The function at `address`, if any. Invalidates the memory decode table (the caller may
@@ -459,8 +577,11 @@ impl PciRootComplex {
     /// The bus index that bus number `bus` routes to, following the guest-programmed bus
     /// numbers of bridges from the root bus.
     fn resolve_bus(&mut self, bus: u8) -> Option<usize> {
-        let mut b = 0usize;
-        let mut number = 0u8;
+        let mut b = (0..self.buses.len()).find(|&b| {
+            let root = &self.buses[b];
+            root.bridge.is_none() && root.root_number <= bus && bus <= root.last_bus
+        })?;
+        let mut number = self.buses[b].root_number;
         // Each step descends one level of a finite tree, so this terminates.
         loop {
             if number == bus {
@@ -497,7 +618,7 @@ impl PciRootComplex {
 
     fn bus_number(&mut self, b: usize) -> u8 {
         match self.buses[b].bridge {
-            None => 0,
+            None => self.buses[b].root_number,
             Some(n) => read_reg(self.nodes[n].device.as_mut(), cfg::SECONDARY_BUS, 1) as u8,
         }
     }
@@ -678,6 +799,7 @@ impl PciRootComplex {
             };
             child = Some(Bus {
                 bridge: None,
+                root_number: 0,
                 children: BTreeMap::new(),
                 only_device_zero,
                 mem: new_alloc(mem),
@@ -932,6 +1054,64 @@ mod tests {
         wr(&mut rc, rp + 0x18, 4, 0x0000_0000);
         assert_eq!(rd(&mut rc, ecam(5, 0, 0, 0), 4), 0xffff_ffff);
         assert_eq!(rd(&mut rc, ecam(0, 0, 0, 0), 4), 0x0008_1b36);
+    }
+
+    #[test]
+    fn a_second_root_bus_owns_its_bus_numbers_and_the_top_of_the_windows() {
+        let (mut rc, _) = platform();
+        let w = PciWindows::default();
+        let root = rc.add_root_bus(0x80, 128 << 20, 16 << 30).unwrap();
+        assert_eq!((root.bus_start, root.bus_end), (0x80, 0xff));
+        assert_eq!(
+            root.windows,
+            PciWindows {
+                mmio32_base: w.mmio32_base + w.mmio32_size - (128 << 20),
+                mmio32_size: 128 << 20,
+                mmio64_base: w.mmio64_base + w.mmio64_size - (16 << 30),
+                mmio64_size: 16 << 30,
+            }
+        );
+        // A root port on bus 0x80 gets bus 0x81 and windows inside the new root's.
+        let rp = RootPort::new(RootPortConfig::new(2), Arc::new(NullMsiSink)).unwrap();
+        let sec = rc
+            .add_bridge(addr(0x80, 0, 0), Box::new(rp), BridgeResources::default())
+            .unwrap();
+        assert_eq!(sec, 0x81);
+        let (dev, _) = TestDev::new(0x5678);
+        rc.add_device(addr(0x81, 0, 0), Box::new(dev)).unwrap();
+        assert_eq!(rd(&mut rc, ecam(0x81, 0, 0, 0), 4), 0x5678_1b36);
+        assert_eq!(rd(&mut rc, ecam(0x80, 0, 0, 0x18), 4), 0x0081_8180);
+        for (address, bar) in rc.decoded_bars() {
+            let inside = |base: u64, size: u64| bar.address >= base && bar.address < base + size;
+            let second = inside(root.windows.mmio32_base, root.windows.mmio32_size)
+                || inside(root.windows.mmio64_base, root.windows.mmio64_size);
+            assert_eq!(second, address.bus >= 0x80, "{address}: {bar:?}");
+        }
+        // The first root keeps its devices and ends below 0x80: a bridge there can no longer
+        // take bus numbers from the second root.
+        assert_eq!(rd(&mut rc, ecam(1, 0, 0, 0), 4), 0x1234_1b36);
+        assert_eq!(rd(&mut rc, ecam(0x7f, 0, 0, 0), 4), 0xffff_ffff);
+        assert_eq!(rd(&mut rc, ecam(0x82, 0, 0, 0), 4), 0xffff_ffff);
+        let functions = rc.functions();
+        assert!(
+            functions.iter().any(|(a, _)| *a == addr(0x80, 0, 0)),
+            "{functions:?}"
+        );
+        // Roots come in increasing order, with whole-MiB windows.
+        assert!(rc.add_root_bus(0x40, 1 << 20, 1 << 20).is_err());
+        assert!(rc.add_root_bus(0x90, 0, 1 << 20).is_err());
+        let third = rc.add_root_bus(0x90, 1 << 20, 1 << 20).unwrap();
+        assert_eq!(
+            third.windows.mmio32_base,
+            root.windows.mmio32_base - (1 << 20)
+        );
+        assert_eq!((third.bus_start, third.bus_end), (0x90, 0xff));
+        assert_eq!(
+            rc.first_root_windows().mmio32_size,
+            w.mmio32_size - (129 << 20)
+        );
+        // The second root now ends below the third.
+        assert_eq!(rd(&mut rc, ecam(0x81, 0, 0, 0), 4), 0x5678_1b36);
     }
 
     #[test]

@@ -69,8 +69,9 @@ pub(super) fn build_cedt(cxl: &CxlConfig) -> Vec<u8> {
         body.extend_from_slice(&window.size.to_le_bytes());
         // ENIW, interleave arithmetic (modulo), reserved.
         body.extend_from_slice(&[eniw, 0, 0, 0]);
-        // HBIG: 256 bytes.
-        body.extend_from_slice(&0u32.to_le_bytes());
+        // HBIG: log2(granularity) - 8 (validated: 256 B – 16 KiB).
+        let hbig = window.granularity.trailing_zeros().saturating_sub(8);
+        body.extend_from_slice(&hbig.to_le_bytes());
         body.extend_from_slice(&window.restrictions.to_le_bytes());
         body.extend_from_slice(&window.qtg_id.to_le_bytes());
         for target in &window.targets {

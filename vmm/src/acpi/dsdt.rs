@@ -79,6 +79,8 @@ impl Aml for IsaIrq {
 ///     _OSC: grants native hot-plug, SHPC, PME, AER, PCIe capability control
 ///   }                                 // with CXL: _HID "ACPI0016", _CID { PNP0A08, PNP0A03 },
 ///                                     // _UID = CHBS UID, _PXM 0, _OSC also for the CXL UUID
+///   Device (PCIn) { ACPI0016, _UID, _SEG, _BBN, _PXM 0, _CRS (buses, MMIO32, MMIO64), _OSC }
+///                                     // each further CXL host bridge: a root bus of its own
 ///   Device (CXLM) { _HID "ACPI0017", _STA, _DSM (QTG) }                  // with CXL only
 ///   Device (MRES) { _HID EisaId("PNP0C02"), _UID 0, _CRS Memory32Fixed(ECAM) }
 ///   Device (COMn) { _HID EisaId("PNP0501"), _UID n, _CRS IO + IRQ }      // n = 1..3
@@ -90,14 +92,25 @@ impl Aml for IsaIrq {
 /// `_ADR` is left out of PCI0: a device carries `_HID` or `_ADR`, not both (§6.1). No `_PRT`: the
 /// devices use MSI/MSI-X.
 pub(super) fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
-    // Validated: with CXL there is exactly one host bridge, \_SB.PCI0.
+    // Validated: with CXL the first host bridge is \_SB.PCI0, further ones have root buses.
     let cxl_uid = cfg
         .cxl
         .as_ref()
         .and_then(|cxl| cxl.host_bridges.first())
         .map(|hb| hb.uid);
-    let mut sb_children = pci_host_bridge(&cfg.pci_segment, cxl_uid);
+    let mut sb_children = pci_host_bridge(&cfg.first_root(), cxl_uid);
     if let Some(cxl) = &cfg.cxl {
+        for (index, hb) in cxl.host_bridges.iter().enumerate().skip(1) {
+            if let Some(root) = &hb.pci_root {
+                sb_children.extend_from_slice(&host_bridge_device(
+                    &format!("PCI{index}"),
+                    cfg.pci_segment.segment,
+                    root,
+                    false,
+                    Some(hb.uid),
+                ));
+            }
+        }
         sb_children.extend_from_slice(&cxl_root_device(cxl));
     }
     sb_children.extend_from_slice(&ecam_reservation(&cfg.pci_segment));
@@ -150,9 +163,36 @@ pub(super) fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
 /// With `cxl_uid` the bridge is also the CXL 2.0 host bridge of that CHBS UID (see the module
 /// documentation); without it the bytes are exactly those of a plain PCIe host bridge.
 pub(super) fn pci_host_bridge(pci: &PciSegmentConfig, cxl_uid: Option<u32>) -> Vec<u8> {
+    host_bridge_device(
+        "PCI0",
+        pci.segment,
+        &PciRootConfig {
+            bus_start: pci.bus_start,
+            bus_end: pci.bus_end,
+            mmio32_base: pci.mmio32_base,
+            mmio32_size: pci.mmio32_size,
+            mmio64_base: pci.mmio64_base,
+            mmio64_size: pci.mmio64_size,
+        },
+        true,
+        cxl_uid,
+    )
+}
+
+/// A PCI host bridge device `name` over `root`'s bus numbers and windows (with the legacy I/O
+/// ports if `legacy_io`): plain PCIe, or the ACPI0016 CXL host bridge of CHBS UID `cxl_uid`.
+pub(super) fn host_bridge_device(
+    name: &str,
+    segment: u16,
+    root: &PciRootConfig,
+    legacy_io: bool,
+    cxl_uid: Option<u32>,
+) -> Vec<u8> {
+    let pci = root;
     let bus = aml::AddressSpace::new_bus_number(u16::from(pci.bus_start), u16::from(pci.bus_end));
     let io: Vec<aml::AddressSpace<u16>> = PCI_IO_WINDOWS
         .iter()
+        .filter(|_| legacy_io)
         .map(|&(min, max)| aml::AddressSpace::new_io(min, max, None))
         .collect();
     // Validated: the window is non-empty and ends at or below 4 GiB.
@@ -186,14 +226,14 @@ pub(super) fn pci_host_bridge(pci: &PciSegmentConfig, cxl_uid: Option<u32>) -> V
 
     let pcie = aml::EISAName::new("PNP0A08");
     let pci_compat = aml::EISAName::new("PNP0A03");
-    let segment = u32::from(pci.segment);
+    let segment = u32::from(segment);
     let bbn = u32::from(pci.bus_start);
     let crs = aml::Name::new("_CRS".into(), &crs);
     let seg = aml::Name::new("_SEG".into(), &segment);
     let bbn = aml::Name::new("_BBN".into(), &bbn);
     match cxl_uid {
         None => device(
-            "PCI0",
+            name,
             &[
                 &aml::Name::new("_HID".into(), &pcie),
                 &aml::Name::new("_CID".into(), &pci_compat),
@@ -211,7 +251,7 @@ pub(super) fn pci_host_bridge(pci: &PciSegmentConfig, cxl_uid: Option<u32>) -> V
             // PCI device) on no node and warns "Unknown NUMA node".
             let pxm = aml::Name::new("_PXM".into(), &aml::ZERO);
             device(
-                "PCI0",
+                name,
                 &[
                     &aml::Name::new("_HID".into(), hid),
                     &aml::Name::new("_CID".into(), &cids),

@@ -230,13 +230,29 @@ pub struct MemoryAffinityRange {
     pub non_volatile: bool,
 }
 
-/// A CXL 2.0 host bridge: CEDT CHBS, and the `_UID` of the ACPI0016 host bridge `\_SB.PCI0`.
+/// A CXL 2.0 host bridge: CEDT CHBS, and the `_UID` of its ACPI0016 host bridge device — the
+/// first is `\_SB.PCI0`, each further one `\_SB.PCIn`, a root bus of its own in the segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CxlHostBridgeConfig {
     /// ACPI `_UID` of the host bridge; CFMWS windows name it as a target.
     pub uid: u32,
     /// Host bridge component registers (CHBCR): a 64 KiB block, 64 KiB aligned, non-zero.
     pub chbcr_base: u64,
+    /// `None` for the first host bridge (`\_SB.PCI0`, the segment's first root bus); for each
+    /// further one, its root bus: bus numbers and windows taken from the top of the segment's.
+    pub pci_root: Option<PciRootConfig>,
+}
+
+/// A further PCI root bus of the segment (`_BBN` and `_CRS` of its host bridge device): its bus
+/// numbers and windows lie at the top of the segment's, and `\_SB.PCI0` keeps what is below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciRootConfig {
+    pub bus_start: u8,
+    pub bus_end: u8,
+    pub mmio32_base: u64,
+    pub mmio32_size: u64,
+    pub mmio64_base: u64,
+    pub mmio64_size: u64,
 }
 
 /// CFMWS window restriction bits (CXL 2.0 Table 9-22; ACPI `ACPI_CEDT_CFMWS_RESTRICT_*`).
@@ -263,6 +279,8 @@ pub struct CxlWindowConfig {
     /// Host bridge UIDs the window interleaves across (1, 2, 4, 8, 16, 3, 6 or 12 of them);
     /// each must be a configured host bridge.
     pub targets: Vec<u32>,
+    /// Host bridge interleave granularity (HBIG) in bytes: 256 B – 16 KiB, a power of two.
+    pub granularity: u32,
     /// `CXL_WINDOW_*` bits; [`CXL_WINDOW_DEFAULT_RESTRICTIONS`] by default.
     pub restrictions: u16,
     /// QoS throttling group.
@@ -279,6 +297,7 @@ impl CxlWindowConfig {
             base,
             size,
             targets,
+            granularity: 256,
             restrictions: CXL_WINDOW_DEFAULT_RESTRICTIONS,
             qtg_id: 0,
             proximity_domain,
@@ -294,7 +313,7 @@ pub const CXL_HOST_BRIDGE_UID: u32 = 1;
 /// CXL topology described by the tables (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CxlConfig {
-    /// Exactly one today: the host bridge is `\_SB.PCI0`, the only PCI root.
+    /// The first is `\_SB.PCI0`; further ones bring root buses of their own.
     pub host_bridges: Vec<CxlHostBridgeConfig>,
     pub windows: Vec<CxlWindowConfig>,
 }
@@ -309,6 +328,7 @@ impl CxlConfig {
             host_bridges: vec![CxlHostBridgeConfig {
                 uid: CXL_HOST_BRIDGE_UID,
                 chbcr_base: layout::CXL_CHBCR_START,
+                pci_root: None,
             }],
             windows: vec![CxlWindowConfig::new(
                 layout::CXL_WINDOW_START,
@@ -365,6 +385,23 @@ impl AcpiConfig {
             cxl: None,
             dmar: None,
         }
+    }
+
+    /// `\_SB.PCI0`'s part of the segment: everything below the further CXL host bridges' root
+    /// buses (bus numbers and windows; validated to lie at the top of the segment's).
+    fn first_root(&self) -> PciSegmentConfig {
+        let mut pci = self.pci_segment.clone();
+        let roots = self.cxl.iter().flat_map(|c| &c.host_bridges);
+        for root in roots.filter_map(|hb| hb.pci_root.as_ref()) {
+            pci.bus_end = pci.bus_end.min(root.bus_start.saturating_sub(1));
+            pci.mmio32_size = pci
+                .mmio32_size
+                .min(root.mmio32_base.saturating_sub(pci.mmio32_base));
+            pci.mmio64_size = pci
+                .mmio64_size
+                .min(root.mmio64_base.saturating_sub(pci.mmio64_base));
+        }
+        pci
     }
 
     /// The configured SRAT memory affinity entries: RAM on domain 0, then the extra ones.
@@ -643,6 +680,7 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     }
     if let Some(cxl) = &cfg.cxl {
         validate_cxl(cxl)?;
+        validate_root_buses(pci, cxl)?;
         for hb in &cxl.host_bridges {
             regions.push(("CXL host bridge registers", (hb.chbcr_base, CXL_CHBCR_LEN)));
         }
@@ -704,15 +742,83 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     Ok(())
 }
 
+/// Further host bridges' root buses: bus numbers above the first root's and windows inside the
+/// segment's, each after the previous one, so that `\_SB.PCI0` keeps the bottom of each.
+fn validate_root_buses(pci: &PciSegmentConfig, cxl: &CxlConfig) -> Result<(), AcpiError> {
+    let mut previous: Option<PciRootConfig> = None;
+    for root in cxl.host_bridges.iter().filter_map(|hb| hb.pci_root) {
+        let inside = |base: u64, size: u64, seg_base: u64, seg_size: u64| {
+            size != 0
+                && base >= seg_base
+                && base
+                    .checked_add(size)
+                    .is_some_and(|end| end <= seg_base + seg_size)
+        };
+        let buses_ok = root.bus_start > pci.bus_start
+            && root.bus_start <= root.bus_end
+            && root.bus_end <= pci.bus_end
+            && previous.is_none_or(|p| p.bus_end < root.bus_start);
+        if !buses_ok {
+            return Err(AcpiError::InvalidBusRange {
+                start: root.bus_start,
+                end: root.bus_end,
+            });
+        }
+        let mmio32_ok = inside(
+            root.mmio32_base,
+            root.mmio32_size,
+            pci.mmio32_base,
+            pci.mmio32_size,
+        ) && root.mmio32_base > pci.mmio32_base
+            && previous.is_none_or(|p| root.mmio32_base + root.mmio32_size <= p.mmio32_base);
+        if !mmio32_ok {
+            return Err(AcpiError::InvalidRange {
+                what: "CXL host bridge root bus MMIO32 window",
+                base: root.mmio32_base,
+                size: root.mmio32_size,
+            });
+        }
+        let mmio64_ok = inside(
+            root.mmio64_base,
+            root.mmio64_size,
+            pci.mmio64_base,
+            pci.mmio64_size,
+        ) && root.mmio64_base > pci.mmio64_base
+            && previous.is_none_or(|p| root.mmio64_base + root.mmio64_size <= p.mmio64_base);
+        if !mmio64_ok {
+            return Err(AcpiError::InvalidRange {
+                what: "CXL host bridge root bus MMIO64 window",
+                base: root.mmio64_base,
+                size: root.mmio64_size,
+            });
+        }
+        previous = Some(root);
+    }
+    Ok(())
+}
+
 /// Rejects CXL topologies the tables cannot describe or Linux would refuse
 /// (drivers/cxl/acpi.c `cxl_acpi_cfmws_verify`, `cxl_get_chbs_iter`).
 fn validate_cxl(cxl: &CxlConfig) -> Result<(), AcpiError> {
-    // The ACPI0016 host bridge is \_SB.PCI0, the only PCI root: a second CHBS would have no
-    // host bridge device to belong to.
-    if cxl.host_bridges.len() != 1 {
+    // The first ACPI0016 host bridge is \_SB.PCI0; each further one needs a root bus of its own.
+    let Some((first, others)) = cxl.host_bridges.split_first() else {
+        return Err(AcpiError::InvalidCxl("a CXL topology needs a host bridge"));
+    };
+    if first.pci_root.is_some() || others.iter().any(|hb| hb.pci_root.is_none()) {
         return Err(AcpiError::InvalidCxl(
-            "exactly one CXL host bridge (\\_SB.PCI0) is supported",
+            "the first CXL host bridge is \\_SB.PCI0; each further one needs a root bus",
         ));
+    }
+    if others.len() > 8 {
+        return Err(AcpiError::InvalidCxl("at most 9 CXL host bridges"));
+    }
+    let uids_distinct = cxl
+        .host_bridges
+        .iter()
+        .enumerate()
+        .all(|(i, hb)| cxl.host_bridges[..i].iter().all(|o| o.uid != hb.uid));
+    if !uids_distinct {
+        return Err(AcpiError::InvalidCxl("two CXL host bridges share a _UID"));
     }
     for hb in &cxl.host_bridges {
         if hb.chbcr_base == 0
@@ -737,6 +843,11 @@ fn validate_cxl(cxl: &CxlConfig) -> Result<(), AcpiError> {
                 base: window.base,
                 size: window.size,
             });
+        }
+        if !window.granularity.is_power_of_two() || !(256..=16384).contains(&window.granularity) {
+            return Err(AcpiError::InvalidCxl(
+                "a window's host bridge granularity must be 256 B to 16 KiB, a power of two",
+            ));
         }
         if cfmws_eniw(window.targets.len()).is_none() {
             return Err(AcpiError::InvalidCxl(

@@ -620,6 +620,55 @@ fn cxl_config() -> AcpiConfig {
     cfg
 }
 
+/// A second CXL host bridge `\_SB.PCI1` (UID `uid`) on root bus 0x80 with the top 128 MiB and
+/// 16 GiB of the windows.
+fn second_host_bridge(uid: u32) -> CxlHostBridgeConfig {
+    CxlHostBridgeConfig {
+        uid,
+        chbcr_base: layout::CXL_CHBCR_START + 0x1_0000,
+        pci_root: Some(PciRootConfig {
+            bus_start: 0x80,
+            bus_end: 0xff,
+            mmio32_base: layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - (128 << 20),
+            mmio32_size: 128 << 20,
+            mmio64_base: layout::PCI_MMIO64_START + layout::PCI_MMIO64_SIZE - (16 << 30),
+            mmio64_size: 16 << 30,
+        }),
+    }
+}
+
+#[test]
+fn a_second_cxl_host_bridge_is_a_root_bus_of_its_own_and_pci0_keeps_the_rest() {
+    let mut cfg = cxl_config();
+    let cxl = cfg.cxl.as_mut().unwrap();
+    cxl.host_bridges.push(second_host_bridge(2));
+    let mut both = CxlWindowConfig::new(
+        layout::CXL_WINDOW_START + (2 << 30),
+        2 << 30,
+        vec![CXL_HOST_BRIDGE_UID, 2],
+        1,
+    );
+    both.granularity = 4096;
+    cxl.windows.push(both);
+    let first = cfg.first_root();
+    assert_eq!(first.bus_end, 0x7f);
+    assert_eq!(first.mmio32_size, layout::PCI_MMIO32_SIZE - (128 << 20));
+    assert_eq!(first.mmio64_size, layout::PCI_MMIO64_SIZE - (16 << 30));
+    let t = create_acpi_tables(&cfg).unwrap();
+    let (_, dsdt) = t.find_table(b"DSDT").unwrap();
+    assert!(contains(dsdt, b"PCI1"));
+    assert!(contains(dsdt, b"ACPI0016"));
+    // CEDT: two CHBS, two CFMWS; the second window interleaves both bridges at 4 KiB.
+    let (_, cedt) = t.find_table(b"CEDT").unwrap();
+    let structures = cedt_structures(cedt);
+    assert_eq!(structures.iter().filter(|(ty, _)| *ty == 0).count(), 2);
+    let (_, window) = structures[3];
+    assert_eq!(window[0x18], 1, "ENIW: 2 ways");
+    assert_eq!(u32_at(window, 0x1c), 4, "HBIG: 4 KiB");
+    assert_eq!(u32_at(window, 0x24), CXL_HOST_BRIDGE_UID);
+    assert_eq!(u32_at(window, 0x28), 2);
+}
+
 /// UUID as `ToUUID` encodes it (first three fields little-endian).
 fn uuid_bytes(uuid: &str) -> Vec<u8> {
     let hex: String = uuid.chars().filter(|c| *c != '-').collect();
@@ -675,6 +724,7 @@ fn cedt_has_chbs_and_cfmws() {
         base: layout::CXL_WINDOW_START + (1 << 30),
         size: 256 << 20,
         targets: vec![0x1234_5678],
+        granularity: 256,
         restrictions: CXL_WINDOW_TYPE3 | CXL_WINDOW_PMEM,
         qtg_id: 0,
         proximity_domain: 2,
@@ -1133,12 +1183,31 @@ fn bad_cxl_configs_are_rejected() {
     check(
         &|c| {
             c.host_bridges.push(CxlHostBridgeConfig {
-                uid: 1,
+                uid: 2,
                 chbcr_base: 0xf001_0000,
+                pci_root: None,
             })
         },
         &invalid_cxl,
     );
+    // A second host bridge with a root bus, but the same UID as the first.
+    check(
+        &|c| c.host_bridges.push(second_host_bridge(CXL_HOST_BRIDGE_UID)),
+        &invalid_cxl,
+    );
+    // Its root bus's window must lie inside the segment's, above PCI0's part.
+    check(
+        &|c| {
+            let mut hb = second_host_bridge(2);
+            if let Some(root) = hb.pci_root.as_mut() {
+                root.mmio32_base = layout::PCI_MMIO32_START - (1 << 20);
+            }
+            c.host_bridges.push(hb)
+        },
+        &invalid_range,
+    );
+    check(&|c| c.windows[0].granularity = 128, &invalid_cxl);
+    check(&|c| c.windows[0].granularity = 3 << 10, &invalid_cxl);
     check(&|c| c.host_bridges[0].chbcr_base = 0, &invalid_range);
     check(
         &|c| c.host_bridges[0].chbcr_base = 0xf000_8000,
@@ -1361,6 +1430,29 @@ fn iasl_disassembles_tables() {
     assert!(hmat.contains("Entry : 0064 Entry : 00FA Entry : 00FA Entry : 0064 Structure Type"));
     assert!(hmat.contains("Entry : 4E20 Entry : 3E80 Entry : 3E80 Entry : 4E20 Raw Table Data"));
     assert_eq!(hmat.matches("Data Type :").count(), 4);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A second CXL host bridge: \_SB.PCI1 on root bus 0x80 with the top of the windows, and
+    // PCI0's _CRS ending below them.
+    let mut cfg = cxl_config();
+    cfg.cxl
+        .as_mut()
+        .unwrap()
+        .host_bridges
+        .push(second_host_bridge(2));
+    let t = create_acpi_tables(&cfg).unwrap();
+    let listings = iasl_disassemble(&t, &[b"DSDT"], &dir);
+    let dsdt = squeeze(&listings[0].1);
+    for expected in [
+        "Device (PCI1)",
+        "Name (_BBN, 0x80)",
+        "0x0000, // Granularity 0x0080, // Range Minimum 0x00FF, // Range Maximum",
+        "0x0000, // Granularity 0x0000, // Range Minimum 0x007F, // Range Maximum",
+        "0xD8000000, // Range Minimum 0xDFFFFFFF, // Range Maximum",
+        "0xC0000000, // Range Minimum 0xD7FFFFFF, // Range Maximum",
+    ] {
+        assert!(dsdt.contains(expected), "DSDT: {expected}\n{dsdt}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
