@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Boot-time benchmark: our VMM vs QEMU -M microvm vs QEMU -M q35 (a benchmark, not a test).
+"""Boot-time benchmark: our VMM vs QEMU -M microvm vs QEMU -M q35 (a benchmark, not a test),
+each QEMU twice: the machine's (Debian bookworm's 7.2, or --qemu) and the newest Debian QEMU
+(sid's 11.x, run from the cache by bench/qemu_sid.py, never installed; --no-qemu-sid skips it).
 
-All three boot the SAME kernel (the default guest profile's bzImage) with the SAME minimal
+All of them boot the SAME kernel (the default guest profile's bzImage) with the SAME minimal
 initramfs (busybox taken from the pinned guest initramfs, plus a tiny /init), 256 MiB, 1 vCPU,
 the same kernel command line, N times each, interleaved round-robin.
 
@@ -9,7 +11,7 @@ What is measured, identically for every VMM, by this harness:
   init  launch (just before fork/exec) -> the line BOOTBENCH-INIT-REACHED, which /init prints
         on the serial console (ttyS0), appears on the VMM's stdout;
   exit  launch -> the VMM process has exited, after /init did `poweroff -f` (ACPI S5 on all
-        three machines).
+        machines).
 /init first writes 1 to I/O port 0x500 (our VMM's "init reached" marker, for its own
 `--boot-time` breakdown; unassigned and ignored on QEMU), then prints the marker line, then the
 guest's /proc/uptime (the kernel's own clock), writes 42 to I/O port 0x501 (our VMM exits with
@@ -18,7 +20,7 @@ write, status (42<<1)|1), then `poweroff -f`.
 
 Where this machine's /dev/kvm cannot run a stock guest (nested PVM: /sys/module/kvm_pvm), the
 whole measurement runs inside ONE nested host (`vmm host -- bench/boot.py --inner ...`), so all
-three VMMs run under the same (TCG-distorted) conditions: only the ratios mean anything there.
+VMMs run under the same (TCG-distorted) conditions: only the ratios mean anything there.
 The nested host gets VMM_HOST_TCG_THREAD=multi unless that is set already (see
 hold_kvm_static_keys for why multi-threaded TCG is safe for this run).
 
@@ -70,7 +72,12 @@ echo "BOOTBENCH-POWEROFF-FAILED"
 while :; do $bb sleep 1; done
 """
 
-VMM_NAMES = ("vmm", "qemu-microvm", "qemu-q35")
+def vmm_names(args):
+    """Our VMM, then each QEMU's microvm and q35 (the machine's, then sid's if there is one)."""
+    names = ["vmm", "qemu-microvm", "qemu-q35"]
+    if args.qemu_sid:
+        names += ["qemu-sid-microvm", "qemu-sid-q35"]
+    return names
 
 
 def die(msg, status=1):
@@ -293,8 +300,20 @@ def microvm_machine(args):
 
 
 def commands(args, kernel, microvm_kernel, initrd):
+    cmds = {
+        "vmm": ([args.vmm, "run", "--host", "direct", "--kernel", kernel, "--initrd", initrd,
+                 f"--memory={MEMORY_MIB}M", "--cpus=1", "--boot-time"]
+                + ([f"--cmdline={args.cmdline_extra}"] if args.cmdline_extra else []), EXIT_VALUE),
+    }
+    qemus = [("qemu", args.qemu)] + ([("qemu-sid", args.qemu_sid)] if args.qemu_sid else [])
+    for prefix, qemu in qemus:
+        cmds.update(qemu_commands(args, qemu, prefix, kernel, microvm_kernel, initrd))
+    return cmds
+
+
+def qemu_commands(args, qemu, prefix, kernel, microvm_kernel, initrd):
     qemu_common = [
-        args.qemu, "-accel", "kvm", "-cpu", "host", "-m", str(MEMORY_MIB), "-smp", "1",
+        qemu, "-accel", "kvm", "-cpu", "host", "-m", str(MEMORY_MIB), "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "stdio", "-initrd", initrd, "-append", cmdline(args),
     ]
@@ -304,12 +323,9 @@ def commands(args, kernel, microvm_kernel, initrd):
     else:
         qemu_status = 0
     return {
-        "vmm": ([args.vmm, "run", "--host", "direct", "--kernel", kernel, "--initrd", initrd,
-                 f"--memory={MEMORY_MIB}M", "--cpus=1", "--boot-time"]
-                + ([f"--cmdline={args.cmdline_extra}"] if args.cmdline_extra else []), EXIT_VALUE),
-        "qemu-microvm": (qemu_common + ["-M", microvm_machine(args), "-kernel", microvm_kernel],
-                         qemu_status),
-        "qemu-q35": (qemu_common + ["-M", "q35", "-kernel", kernel], qemu_status),
+        f"{prefix}-microvm": (qemu_common + ["-M", microvm_machine(args), "-kernel",
+                                             microvm_kernel], qemu_status),
+        f"{prefix}-q35": (qemu_common + ["-M", "q35", "-kernel", kernel], qemu_status),
     }
 
 
@@ -358,6 +374,8 @@ def measure(args):
         hold_kvm_static_keys()
     if shutil.which(args.qemu) is None:
         die(f"QEMU binary '{args.qemu}' not found (install qemu-system-x86)")
+    if args.qemu_sid and not os.access(args.qemu_sid, os.X_OK):
+        die(f"sid QEMU wrapper '{args.qemu_sid}' is missing (python3 bench/qemu_sid.py)")
     os.makedirs(WORK, exist_ok=True)
     shutil.rmtree(os.path.join(WORK, "logs"), ignore_errors=True)
     # Kernel and initramfs from a RAM-backed copy: the nested host reaches / over 9p, whose reads
@@ -388,19 +406,20 @@ def _measure(args, kernel, vmlinux, initrd):
     cmds = commands(args, kernel, microvm_kernel, initrd)
 
     # Warm-up (untimed): page cache, and a check that every VMM boots this guest at all.
-    for name in VMM_NAMES:
+    names = vmm_names(args)
+    for name in names:
         for _ in range(args.warmup):
             argv, status = cmds[name]
             b = Boot(name, argv, status, args.timeout)
             ok = b.run()
             b.save_log("warmup")
-            if (not ok and name == "qemu-microvm" and microvm_kernel == kernel and vmlinux
+            if (not ok and name.endswith("-microvm") and microvm_kernel == kernel and vmlinux
                     and vmlinux != kernel):
-                note("qemu-microvm cannot boot the bzImage:\n" + b.failure_report(10))
-                note("retrying qemu-microvm with the uncompressed vmlinux (PVH entry)")
+                note(f"{name} cannot boot the bzImage:\n" + b.failure_report(10))
+                note(f"retrying {name} with the uncompressed vmlinux (PVH entry)")
                 microvm_kernel = vmlinux
-                notes.append("qemu-microvm could not boot the bzImage here; it boots the "
-                             "SAME kernel's uncompressed vmlinux (PVH entry) instead")
+                notes.append(f"{name} could not boot the bzImage here; the microvm runs boot "
+                             "the SAME kernel's uncompressed vmlinux (PVH entry) instead")
                 cmds = commands(args, kernel, microvm_kernel, initrd)
                 argv, status = cmds[name]
                 b = Boot(name, argv, status, args.timeout)
@@ -413,7 +432,8 @@ def _measure(args, kernel, vmlinux, initrd):
 
     records = []
     for r in range(args.runs):
-        order = VMM_NAMES[r % 3:] + VMM_NAMES[:r % 3]
+        k = r % len(names)
+        order = names[k:] + names[:k]
         for name in order:
             argv, status = cmds[name]
             b = Boot(name, argv, status, args.timeout)
@@ -448,7 +468,8 @@ def paired_ratio(records, other):
 
 
 def report(args, records, notes, cmds, nested):
-    by = {n: [r for r in records if r["vmm"] == n] for n in VMM_NAMES}
+    names = vmm_names(args)
+    by = {n: [r for r in records if r["vmm"] == n] for n in names}
     lines = []
     lines.append(f"Boot time, launch -> guest init reached (median of {args.runs}, "
                  f"interleaved round-robin; {MEMORY_MIB} MiB, 1 vCPU)")
@@ -459,6 +480,9 @@ def report(args, records, notes, cmds, nested):
     lines.append(f"  vmm     {label}" + ("  (a DEBUG build)" if "/debug/" in label else ""))
     lines.append(f"  qemu    {qemu_version(args.qemu)}, -accel kvm -cpu host; microvm as "
                  f"-M {microvm_machine(args)}")
+    if args.qemu_sid:
+        lines.append(f"  qemu-sid {qemu_version(args.qemu_sid)} (Debian sid, from the cache: "
+                     "bench/qemu_sid.py), the same options")
     if nested:
         tcg = os.environ.get("VMM_HOST_TCG_THREAD", "single (vmm default)")
         lines.append(f"  NOTE: measured inside the nested host (QEMU TCG thread={tcg}, kvm-amd "
@@ -472,7 +496,7 @@ def report(args, records, notes, cmds, nested):
            f"{'min':>7s} {'max':>7s}   {'guest uptime':>12s}  {'launch->kernel clock':>20s}")
     lines.append(hdr + "   (ms)")
     med = {}
-    for n in VMM_NAMES:
+    for n in names:
         i = summary([r["init_ms"] for r in by[n]])
         e = summary([r["exit_ms"] for r in by[n]])
         u = summary([r["guest_uptime_ms"] for r in by[n]])
@@ -483,7 +507,7 @@ def report(args, records, notes, cmds, nested):
                      f"{fmt(i and i[2]):>7s}   {fmt(e and e[0]):>9s} {fmt(e and e[1]):>7s} "
                      f"{fmt(e and e[2]):>7s}   {fmt(u and u[0]):>12s}  {fmt(pre and pre[0]):>20s}")
     lines.append("")
-    for n in ("qemu-microvm", "qemu-q35"):
+    for n in names[1:]:
         if med[n][0] and med["vmm"][0]:
             paired = paired_ratio(records, n)
             lines.append(f"ratio {n}/vmm = {med[n][0] / med['vmm'][0]:.2f}   "
@@ -544,8 +568,13 @@ def main():
     p.add_argument("--vmm", default=os.path.join(REPO, "target", "debug", "vmm"),
                    help="our VMM binary (default target/debug/vmm)")
     p.add_argument("--qemu", default=os.environ.get("VMM_QEMU", "qemu-system-x86_64"))
+    p.add_argument("--qemu-sid", default=None, metavar="PATH",
+                   help="the newest Debian QEMU to compare too (default: sid's, fetched into "
+                        "the cache by bench/qemu_sid.py)")
+    p.add_argument("--no-qemu-sid", action="store_true",
+                   help="compare with the machine's QEMU only")
     p.add_argument("--kernel-format", choices=("bzimage", "vmlinux"), default="bzimage",
-                   help="boot all three from the profile's bzImage (default) or from its "
+                   help="boot all of them from the profile's bzImage (default) or from its "
                         "uncompressed vmlinux (PVH entry: no decompression)")
     p.add_argument("--microvm-kernel", choices=("bzimage", "vmlinux"), default="bzimage",
                    help="kernel format for QEMU microvm (default bzimage; falls back to the "
@@ -556,7 +585,7 @@ def main():
                    help="give QEMU isa-debug-exit at 0x501 (its 'exit' then ends at the port "
                         "write, before poweroff; 'init' is unaffected)")
     p.add_argument("--cmdline-extra", default="",
-                   help="extra kernel arguments for all three (e.g. 'loglevel=8' to see where "
+                   help="extra kernel arguments for all of them (e.g. 'loglevel=8' to see where "
                         "boot time goes in the saved console logs)")
     p.add_argument("--timeout", type=float, default=120, help="seconds per boot (default 120)")
     p.add_argument("--host-memory", default="2G", help="memory of the nested host (default 2G)")
@@ -578,6 +607,15 @@ def main():
         report(args, records, notes, cmds, nested=os.environ.get("VMM_NESTED_HOST") == "1")
         return 0
 
+    if args.no_qemu_sid:
+        args.qemu_sid = None
+    elif not args.qemu_sid:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import qemu_sid
+        try:
+            args.qemu_sid = qemu_sid.ensure_qemu_sid(log=note)
+        except qemu_sid.QemuSidError as e:
+            die(f"the newest Debian QEMU: {e} (or pass --no-qemu-sid)")
     bzimage, vmlinux, pinned_initramfs = pinned_images(args.vmm, args.profile)
     os.makedirs(WORK, exist_ok=True)
     # A private copy of our binary (same file system as QEMU's): a concurrent `cargo build`
@@ -597,9 +635,11 @@ def main():
              "--timeout", str(args.timeout), "--cmdline-extra", args.cmdline_extra]
     if args.qemu_debug_exit:
         inner.append("--qemu-debug-exit")
+    if args.qemu_sid:
+        inner += ["--qemu-sid", args.qemu_sid]
     if not nested:
         os.execv(sys.executable, [sys.executable] + inner)
-    note("this /dev/kvm cannot run a stock guest (nested PVM): measuring all three VMMs inside "
+    note("this /dev/kvm cannot run a stock guest (nested PVM): measuring every VMM inside "
          "ONE nested host (QEMU TCG + kvm-amd); only ratios are meaningful")
     cmd = [args.vmm, "host", "--memory", args.host_memory, "--", sys.executable] + inner
     # Multi-threaded TCG for the nested host unless the caller chose otherwise: the inner run
