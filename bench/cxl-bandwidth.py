@@ -331,19 +331,19 @@ def qemu_initrd(a, stage):
     return path
 
 
-def measure_qemu(a, stage):
-    """Returns (records, seconds, guest clock, None) or (records or None, seconds, guest clock,
-    what went wrong)."""
-    if shutil.which(a.qemu) is None:
-        return None, 0, None, f"QEMU binary '{a.qemu}' not found"
+def measure_qemu(a, stage, qemu, name):
+    """One QEMU (binary `qemu`, logs named `name`): returns (records, seconds, guest clock,
+    None) or (records or None, seconds, guest clock, what went wrong)."""
+    if shutil.which(qemu) is None:
+        return None, 0, None, f"QEMU binary '{qemu}' not found"
     pmem = os.path.join(stage, "qemu-cxl-pmem.raw")
     lsa = os.path.join(stage, "qemu-cxl-lsa.raw")
     for p, size in ((pmem, 256 << 20), (lsa, 128 << 10)):
         with open(p, "wb") as f:
             f.truncate(size)
-    files = {n: os.path.join(stage, f"qemu-{n}") for n in ("console", "stdout", "stderr")}
+    files = {n: os.path.join(stage, f"{name}-{n}") for n in ("console", "stdout", "stderr")}
     argv = [
-        a.qemu, "-accel", "kvm", "-cpu", "host,hypervisor=off", "-smp", "1", "-m", "1G",
+        qemu, "-accel", "kvm", "-cpu", "host,hypervisor=off", "-smp", "1", "-m", "1G",
         "-M", "q35,cxl=on", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-kernel", a.kernel, "-initrd", qemu_initrd(a, stage),
         "-append", f"{CMDLINE} {QEMU_CMDLINE_EXTRA}",
@@ -359,7 +359,7 @@ def measure_qemu(a, stage):
         "-device", "cxl-type3,bus=rp0,memdev=cxl-mem0,lsa=cxl-lsa0,id=cxl-pmem0,sn=0x1234",
         "-M", "cxl-fmw.0.targets.0=cxl.0,cxl-fmw.0.size=4G",
     ]
-    status, _, qerr, secs = run_logged("qemu", argv, a.qemu_timeout)
+    status, _, qerr, secs = run_logged(name, argv, a.qemu_timeout)
     logs = {}
     for n, p in files.items():
         try:
@@ -367,7 +367,7 @@ def measure_qemu(a, stage):
                 logs[n] = f.read()
         except OSError:
             logs[n] = ""
-        with open(os.path.join(LOGS, f"qemu-guest.{n}"), "w") as f:
+        with open(os.path.join(LOGS, f"{name}-guest.{n}"), "w") as f:
             f.write(logs[n])
     records = parse(logs["stdout"])
     clock = guest_clock(logs["stdout"])
@@ -436,13 +436,15 @@ def inner(a):
             setattr(a, attr, dst)
         ours = measure_ours(a, stage) if not a.no_vmm else ([], 0, None)
         a.interleaved = measure_interleaved(a, stage) if not a.no_vmm else None
-        if a.no_qemu:
-            qemu = (None, 0, None, "skipped (--no-qemu)")
-        else:
-            qemu = measure_qemu(a, stage)
+        qemus = [("qemu", a.qemu)] + ([("qemu-sid", a.qemu_sid)] if a.qemu_sid else [])
+        runs = []
+        for name, binary in qemus:
+            run = ((None, 0, None, "skipped (--no-qemu)") if a.no_qemu
+                   else measure_qemu(a, stage, binary, name))
+            runs.append((name, binary, run))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    report(a, ours, qemu)
+    report(a, ours, runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,9 +479,8 @@ def nodes_text(nodes):
     return "node:pages " + nodes
 
 
-def report(a, ours_run, qemu_run):
+def report(a, ours_run, qemu_runs):
     ours, ours_secs, ours_clock = ours_run
-    qemu, qemu_secs, qemu_clock, why = qemu_run
     nested = os.environ.get("VMM_NESTED_HOST") == "1"
     lines = [f"CXL memory vs RAM: sequential write/read bandwidth in the same guest (memio, "
              f"{a.repeat} interleaved runs x {a.rounds} rounds; MB = 10^6 bytes)"]
@@ -490,9 +491,10 @@ def report(a, ours_run, qemu_run):
     lines.append(f"  vmm   {a.vmm_label}: --memory=1G --cpus=1 --cxl-precommit, 512 MiB volatile "
                  f"CXL device (node 1), backing file in {a.stage} "
                  f"({'tmpfs' if not a.stage_note else 'NOT tmpfs'})")
-    lines.append(f"  qemu  {bootbench.qemu_version(a.qemu)}: -M q35,cxl=on, cxl-type3 256 MiB "
-                 f"pmem (devdax), -accel kvm -cpu host,hypervisor=off, 1 GiB, 1 vCPU, "
-                 f"'{QEMU_CMDLINE_EXTRA}'")
+    for name, binary, _ in qemu_runs:
+        lines.append(f"  {name:8s} {bootbench.qemu_version(binary)}: -M q35,cxl=on, cxl-type3 "
+                     f"256 MiB pmem (devdax), -accel kvm -cpu host,hypervisor=off, 1 GiB, "
+                     f"1 vCPU, '{QEMU_CMDLINE_EXTRA}'")
     if getattr(a, "stage_note", None):
         lines.append(f"  WARNING: {a.stage_note}")
     lines.append("  access: vec = memset + vectorised sum; u64 = one 64-bit load/store per word")
@@ -500,9 +502,9 @@ def report(a, ours_run, qemu_run):
                  "mean = its total bytes / total time;")
     lines.append("  both the median over the runs")
     lines.append("")
-    lines.append(f"{'VMM':5s} {'memory':25s} {'bytes':>10s} {'access':>6s}  {'write MB/s':>16s} "
+    lines.append(f"{'VMM':8s} {'memory':25s} {'bytes':>10s} {'access':>6s}  {'write MB/s':>16s} "
                  f"{'read MB/s':>16s} {'1st touch':>9s}  pages")
-    lines.append(f"{'':5s} {'':25s} {'':>10s} {'':>6s}  {'best':>7s} {'mean':>8s} "
+    lines.append(f"{'':8s} {'':25s} {'':>10s} {'':>6s}  {'best':>7s} {'mean':>8s} "
                  f"{'best':>7s} {'mean':>8s}")
 
     def rows(vmm, records, labels):
@@ -514,7 +516,7 @@ def report(a, ours_run, qemu_run):
             sizes = sorted({int(r["bytes"]) for r in rs})
             size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}+"
             lines.append(
-                f"{vmm:5s} {desc:25s} {size:>10s} {rs[0]['access']:>6s}  "
+                f"{vmm:8s} {desc:25s} {size:>10s} {rs[0]['access']:>6s}  "
                 f"{fmt(med(records, label, 'write_best_mb_s')):>7s} "
                 f"{fmt(med(records, label, 'write_mb_s')):>8s} "
                 f"{fmt(med(records, label, 'read_best_mb_s')):>7s} "
@@ -528,11 +530,14 @@ def report(a, ours_run, qemu_run):
                        ("ram-u64", "RAM, anon node 0"), ("cxl-devdax-u64", "CXL, /dev/dax0.0")])
     interleaved = getattr(a, "interleaved", None)
     if interleaved:
-        rows("vmm", interleaved[0], [("ram-il", "RAM, anon node 0"),
-                                     ("cxl-il2-4k", "CXL 2-way 4K, node 1")])
-    if qemu:
-        rows("qemu", qemu, [("ram", "RAM, anon"), ("ram-u64", "RAM, anon"),
-                            ("cxl-devdax-u64", "CXL pmem, /dev/dax0.0")])
+        rows("vmm", interleaved, [("ram-il-4k", "RAM, anon node 0"),
+                                  ("cxl-il2-4k", "CXL 2-way 4K, node 1"),
+                                  ("ram-il-256", "RAM, anon node 0"),
+                                  ("cxl-il2-256", "CXL 2-way 256B, node 1")])
+    for name, _, (qemu, _, _, _) in qemu_runs:
+        if qemu:
+            rows(name, qemu, [("ram", "RAM, anon"), ("ram-u64", "RAM, anon"),
+                              ("cxl-devdax-u64", "CXL pmem, /dev/dax0.0")])
     lines.append("")
     lines.append("ratios CXL/RAM: median (min-max) over the interleaved runs of the per-run best "
                  "rates")
@@ -561,29 +566,34 @@ def report(a, ours_run, qemu_run):
                    first_touch=True)
         lines.append("  256 B granularity runs from a shadow copy (sub-page granules cannot be "
                      "mapped; written back every second)")
-    if qemu and med(qemu, "cxl-devdax-u64", "write_best_mb_s"):
-        ratio_line("QEMU CXL/RAM (devdax / anon, u64)", qemu, "cxl-devdax-u64", "ram-u64")
-        lines.append(f"  QEMU's CXL window is emulated MMIO (every access exits to QEMU): its CXL "
-                     f"runs have {a.qemu_rounds} round(s),")
-        lines.append(f"  passes of at most {a.qemu_size},")
-        lines[-1] += (f" each capped at ~{a.qemu_max_secs:g} s ('bytes' = what the first "
-                      "pass reached; the later ones cover the same).")
-        for key, what in (("write_best_mb_s", "write"), ("read_best_mb_s", "read")):
-            o, q = med(ours, "cxl-devdax-u64", key), med(qemu, "cxl-devdax-u64", key)
-            if o and q:
-                lines.append(f"  ours CXL / QEMU CXL (devdax, u64, {what}): {o / q:.0f}x")
-        rv, rq = med(ours, "ram", "read_best_mb_s"), med(qemu, "ram", "read_best_mb_s")
-        wv, wq = med(ours, "ram", "write_best_mb_s"), med(qemu, "ram", "write_best_mb_s")
-        if rv and rq and wv and wq:
-            lines.append(f"  sanity: RAM in QEMU's guest / in ours: write {wq / wv:.2f}, read "
-                         f"{rq / rv:.2f} (~1: the two guests run at comparable speed)")
-    else:
-        results["QEMU CXL/RAM (devdax / anon, u64)"] = None
-        lines.append(f"ratio QEMU CXL/RAM: not measured: {why}")
-    if why and qemu:
-        lines.append(f"  NOTE: QEMU's run did not end cleanly: {why}")
+    for name, _, (qemu, _, _, why) in qemu_runs:
+        label = "QEMU" if name == "qemu" else f"QEMU ({name})"
+        if qemu and med(qemu, "cxl-devdax-u64", "write_best_mb_s"):
+            ratio_line(f"{label} CXL/RAM (devdax / anon, u64)", qemu, "cxl-devdax-u64",
+                       "ram-u64")
+            lines.append(f"  {label}'s CXL window is emulated MMIO (every access exits to "
+                         f"QEMU): its CXL runs have {a.qemu_rounds} round(s),")
+            lines.append(f"  passes of at most {a.qemu_size},")
+            lines[-1] += (f" each capped at ~{a.qemu_max_secs:g} s ('bytes' = what the first "
+                          "pass reached; the later ones cover the same).")
+            for key, what in (("write_best_mb_s", "write"), ("read_best_mb_s", "read")):
+                o, q = med(ours, "cxl-devdax-u64", key), med(qemu, "cxl-devdax-u64", key)
+                if o and q:
+                    lines.append(f"  ours CXL / {label} CXL (devdax, u64, {what}): {o / q:.0f}x")
+            rv, rq = med(ours, "ram", "read_best_mb_s"), med(qemu, "ram", "read_best_mb_s")
+            wv, wq = med(ours, "ram", "write_best_mb_s"), med(qemu, "ram", "write_best_mb_s")
+            if rv and rq and wv and wq:
+                lines.append(f"  sanity: RAM in {label}'s guest / in ours: write {wq / wv:.2f}, "
+                             f"read {rq / rv:.2f} (~1: the two guests run at comparable speed)")
+        else:
+            results[f"{label} CXL/RAM (devdax / anon, u64)"] = None
+            lines.append(f"ratio {label} CXL/RAM: not measured: {why}")
+        if why and qemu:
+            lines.append(f"  NOTE: {label}'s run did not end cleanly: {why}")
     lines.append("")
-    for name, clock, secs in (("our", ours_clock, ours_secs), ("QEMU's", qemu_clock, qemu_secs)):
+    clocks = [("our", ours_clock, ours_secs)] + [
+        (f"{name}'s", run[2], run[1]) for name, _, run in qemu_runs]
+    for name, clock, secs in clocks:
         if clock:
             lines.append(f"{name} guest: {secs:.0f} s wall time (launch to exit), guest clock "
                          f"{clock[0]:.0f} s at the end ({clock[1]})")
@@ -594,8 +604,11 @@ def report(a, ours_run, qemu_run):
     with open(os.path.join(WORK, "cxl-bandwidth-results.txt"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(WORK, "cxl-bandwidth-results.json"), "w") as f:
-        json.dump({"nested": nested, "ratios": results, "vmm": ours, "qemu": qemu,
-                   "qemu_problem": why, "args": vars(a)}, f, indent=1)
+        json.dump({"nested": nested, "ratios": results, "vmm": ours,
+                   "interleaved": interleaved,
+                   "qemu": {name: {"binary": binary, "records": run[0], "problem": run[3]}
+                            for name, binary, run in qemu_runs},
+                   "args": vars(a)}, f, indent=1)
 
 
 def fmt_p(p):
@@ -659,6 +672,11 @@ def main():
     p.add_argument("--vmm", default=os.path.join(REPO, "target", "debug", "vmm"),
                    help="our VMM binary (default target/debug/vmm)")
     p.add_argument("--qemu", default=os.environ.get("VMM_QEMU", "qemu-system-x86_64"))
+    p.add_argument("--qemu-sid", default=None, metavar="PATH",
+                   help="the newest Debian QEMU to measure too (default: sid's, fetched into "
+                        "the cache by bench/qemu_sid.py)")
+    p.add_argument("--no-qemu-sid", action="store_true",
+                   help="measure the machine's QEMU only")
     p.add_argument("--profile", default="7.2", help="guest image profile (default 7.2)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--kernel", help=argparse.SUPPRESS)
@@ -678,6 +696,14 @@ def main():
         inner(a)
         return 0
 
+    if a.no_qemu_sid or a.no_qemu:
+        a.qemu_sid = None
+    elif not a.qemu_sid:
+        import qemu_sid
+        try:
+            a.qemu_sid = qemu_sid.ensure_qemu_sid(log=note)
+        except qemu_sid.QemuSidError as e:
+            die(f"the newest Debian QEMU: {e} (or pass --no-qemu-sid)")
     memio = build_memio()
     os.makedirs(WORK, exist_ok=True)
     shutil.rmtree(LOGS, ignore_errors=True)
@@ -697,6 +723,8 @@ def main():
             "--timeout", str(a.timeout), "--qemu-timeout", str(a.qemu_timeout)]
     if a.no_qemu:
         argv.append("--no-qemu")
+    if a.qemu_sid:
+        argv += ["--qemu-sid", a.qemu_sid]
     if a.no_vmm:
         argv.append("--no-vmm")
     if a.qemu_guest_script:
