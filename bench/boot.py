@@ -492,7 +492,7 @@ def report(args, records, notes, cmds, nested):
     for n in notes:
         lines.append(f"  NOTE: {n}")
     lines.append("")
-    hdr = (f"{'VMM':14s} {'init med':>9s} {'min':>7s} {'max':>7s}   {'exit med':>9s} "
+    hdr = (f"{'VMM':17s} {'init med':>9s} {'min':>7s} {'max':>7s}   {'exit med':>9s} "
            f"{'min':>7s} {'max':>7s}   {'guest uptime':>12s}  {'launch->kernel clock':>20s}")
     lines.append(hdr + "   (ms)")
     med = {}
@@ -503,7 +503,7 @@ def report(args, records, notes, cmds, nested):
         pre = summary([r["init_ms"] - r["guest_uptime_ms"] for r in by[n]
                        if r["init_ms"] is not None and r["guest_uptime_ms"] is not None])
         med[n] = (i[0] if i else None, e[0] if e else None)
-        lines.append(f"{n:14s} {fmt(i and i[0]):>9s} {fmt(i and i[1]):>7s} "
+        lines.append(f"{n:17s} {fmt(i and i[0]):>9s} {fmt(i and i[1]):>7s} "
                      f"{fmt(i and i[2]):>7s}   {fmt(e and e[0]):>9s} {fmt(e and e[1]):>7s} "
                      f"{fmt(e and e[2]):>7s}   {fmt(u and u[0]):>12s}  {fmt(pre and pre[0]):>20s}")
     lines.append("")
