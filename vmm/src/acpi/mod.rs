@@ -764,33 +764,28 @@ fn validate_root_buses(pci: &PciSegmentConfig, cxl: &CxlConfig) -> Result<(), Ac
                 end: root.bus_end,
             });
         }
-        let mmio32_ok = inside(
-            root.mmio32_base,
-            root.mmio32_size,
-            pci.mmio32_base,
-            pci.mmio32_size,
-        ) && root.mmio32_base > pci.mmio32_base
-            && previous.is_none_or(|p| root.mmio32_base + root.mmio32_size <= p.mmio32_base);
-        if !mmio32_ok {
-            return Err(AcpiError::InvalidRange {
-                what: "CXL host bridge root bus MMIO32 window",
-                base: root.mmio32_base,
-                size: root.mmio32_size,
-            });
-        }
-        let mmio64_ok = inside(
-            root.mmio64_base,
-            root.mmio64_size,
-            pci.mmio64_base,
-            pci.mmio64_size,
-        ) && root.mmio64_base > pci.mmio64_base
-            && previous.is_none_or(|p| root.mmio64_base + root.mmio64_size <= p.mmio64_base);
-        if !mmio64_ok {
-            return Err(AcpiError::InvalidRange {
-                what: "CXL host bridge root bus MMIO64 window",
-                base: root.mmio64_base,
-                size: root.mmio64_size,
-            });
+        // Each window inside the segment's, above PCI0's part, below the previous root's.
+        let windows = [
+            (
+                "CXL host bridge root bus MMIO32 window",
+                (root.mmio32_base, root.mmio32_size),
+                (pci.mmio32_base, pci.mmio32_size),
+                previous.map(|p| p.mmio32_base),
+            ),
+            (
+                "CXL host bridge root bus MMIO64 window",
+                (root.mmio64_base, root.mmio64_size),
+                (pci.mmio64_base, pci.mmio64_size),
+                previous.map(|p| p.mmio64_base),
+            ),
+        ];
+        for (what, (base, size), (seg_base, seg_size), below) in windows {
+            let ok = inside(base, size, seg_base, seg_size)
+                && base > seg_base
+                && below.is_none_or(|limit| base + size <= limit);
+            if !ok {
+                return Err(AcpiError::InvalidRange { what, base, size });
+            }
         }
         previous = Some(root);
     }
