@@ -17,10 +17,12 @@
 //!
 //! **Below a page** (256 B – 2 KiB granularity) a mapping cannot place granules, so such a
 //! region runs from a *shadow*: an anonymous copy of the region, filled from the devices' media
-//! at commit (every granule from the DPA the decoders give), given to KVM with dirty-page
+//! at commit (every granule from the DPA the decoders give; granules of zeros are left to the
+//! anonymous memory's own zeros, so the shadow costs host memory only for what the devices
+//! hold), given to KVM with dirty-page
 //! logging and to DMA like a native region, so the guest still runs at native speed. The
 //! copy is written back granule by granule to the devices: the pages the vCPUs dirtied every
-//! [`SHADOW_WRITEBACK_PERIOD`], everything at uncommit and when the run ends. The backing files
+//! [`SHADOW_WRITEBACK_PERIOD`], everything that differs at uncommit and when the run ends. The backing files
 //! therefore trail the guest by up to that period (a VMM killed with SIGKILL loses those
 //! writes; device DMA into the region reaches the files at uncommit or exit).
 
@@ -378,9 +380,19 @@ impl InterleaveMap {
         // copied bytes stale, never invalid; the dirty log catches them next time.
         unsafe {
             let shadow = host.add((p.offset + from) as usize);
+            let len = len as usize;
             match direction {
-                Direction::FromDevice => std::ptr::copy_nonoverlapping(media, shadow, len as usize),
-                Direction::ToDevice => std::ptr::copy_nonoverlapping(shadow, media, len as usize),
+                // A granule of zeros stays out of the shadow (its pages read as zeros already):
+                // the shadow holds only what the devices hold, not their whole capacity.
+                Direction::FromDevice if !same_words(media, None, len) => {
+                    std::ptr::copy_nonoverlapping(media, shadow, len)
+                }
+                // Only what differs is written: unchanged device memory (a sparse backing
+                // file's holes above all) is left untouched.
+                Direction::ToDevice if !same_words(shadow, Some(media), len) => {
+                    std::ptr::copy_nonoverlapping(shadow, media, len)
+                }
+                _ => {}
             }
         }
     }
@@ -555,6 +567,23 @@ fn resolve(
         offset += g;
     }
     Some(pieces)
+}
+
+/// Whether the `len` bytes at `a` equal those at `b` (`None`: zeros), compared a 64-bit word at
+/// a time with volatile loads (the guest may be writing them).
+///
+/// # Safety
+/// Both ranges are readable and 8-byte aligned, and `len` is a multiple of 8 (granules are
+/// ≥ 256 bytes at 256-byte aligned offsets of page-aligned mappings).
+unsafe fn same_words(a: *const u8, b: Option<*const u8>, len: usize) -> bool {
+    (0..len / 8).all(|i| {
+        // SAFETY: word `i` lies inside both ranges, aligned (see above).
+        unsafe {
+            let x = a.cast::<u64>().add(i).read_volatile();
+            let y = b.map_or(0, |b| b.cast::<u64>().add(i).read_volatile());
+            x == y
+        }
+    })
 }
 
 /// Which way [`InterleaveMap::copy_piece`] copies.
@@ -814,5 +843,26 @@ mod tests {
             parts.push((p.dpa + from, len));
         });
         assert_eq!(parts, [(0x10_0000 + PAGE, PAGE)]);
+    }
+
+    #[test]
+    fn word_comparison_sees_zeros_and_differences() {
+        let zeros = [0u64; 32];
+        let mut other = [0u64; 32];
+        let (z, o) = (zeros.as_ptr().cast::<u8>(), other.as_ptr().cast::<u8>());
+        // SAFETY: both arrays are 256 readable, 8-byte aligned bytes.
+        unsafe {
+            assert!(same_words(z, None, 256));
+            assert!(same_words(z, Some(o), 256));
+        }
+        other[31] = 1;
+        let o = other.as_ptr().cast::<u8>();
+        // SAFETY: as above.
+        unsafe {
+            assert!(!same_words(o, None, 256));
+            assert!(!same_words(z, Some(o), 256));
+            // Only the first 248 bytes: equal again.
+            assert!(same_words(z, Some(o), 248));
+        }
     }
 }
