@@ -19,12 +19,12 @@
 //! region runs from a *shadow*: an anonymous copy of the region, filled from the devices' media
 //! at commit (every granule from the DPA the decoders give; granules of zeros are left to the
 //! anonymous memory's own zeros, so the shadow costs host memory only for what the devices
-//! hold), given to KVM with dirty-page
-//! logging and to DMA like a native region, so the guest still runs at native speed. The
-//! copy is written back granule by granule to the devices: the pages the vCPUs dirtied every
-//! [`SHADOW_WRITEBACK_PERIOD`], everything that differs at uncommit and when the run ends. The backing files
-//! therefore trail the guest by up to that period (a VMM killed with SIGKILL loses those
-//! writes; device DMA into the region reaches the files at uncommit or exit).
+//! hold), given to KVM with dirty-page logging and to DMA like a native region, so the guest
+//! still runs at native speed. The copy is written back granule by granule to the devices: the
+//! pages the vCPUs dirtied every [`SHADOW_WRITEBACK_PERIOD`], everything that differs at
+//! uncommit and when the run ends. The backing files therefore trail the guest by up to that
+//! period (a VMM killed with SIGKILL loses those writes; device DMA into the region reaches the
+//! files at uncommit or exit).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, Once, Weak};
