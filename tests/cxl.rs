@@ -610,7 +610,7 @@ fn two_devices_under_one_host_bridge_interleave_ram_and_pmem_regions() {
     let mut script = String::from(INTERLEAVE_SHELL);
     for (tag, g, seed) in seeds {
         script.push_str(&format!(
-            "        ram_region {tag} decoder0.0 {g} 512M all {seed} mem0 mem1\n"
+            "        ram_region {tag} decoder0.0 {g} 512M 256M {seed} mem0 mem1\n"
         ));
     }
     script.push_str(

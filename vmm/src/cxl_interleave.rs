@@ -384,12 +384,12 @@ impl InterleaveMap {
             match direction {
                 // A granule of zeros stays out of the shadow (its pages read as zeros already):
                 // the shadow holds only what the devices hold, not their whole capacity.
-                Direction::FromDevice if !same_words(media, None, len) => {
+                Direction::FromDevice if !same_bytes(media, None, len) => {
                     std::ptr::copy_nonoverlapping(media, shadow, len)
                 }
                 // Only what differs is written: unchanged device memory (a sparse backing
                 // file's holes above all) is left untouched.
-                Direction::ToDevice if !same_words(shadow, Some(media), len) => {
+                Direction::ToDevice if !same_bytes(shadow, Some(media), len) => {
                     std::ptr::copy_nonoverlapping(shadow, media, len)
                 }
                 _ => {}
@@ -569,21 +569,26 @@ fn resolve(
     Some(pieces)
 }
 
-/// Whether the `len` bytes at `a` equal those at `b` (`None`: zeros), compared a 64-bit word at
-/// a time with volatile loads (the guest may be writing them).
+/// A page of zeros to compare granules with.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Whether the `len` bytes at `a` equal those at `b` (`None`: zeros). Compared with `memcmp`
+/// (slice equality), which stays fast in debug builds, where a word loop over a whole region
+/// under the nested TCG host took minutes.
 ///
 /// # Safety
-/// Both ranges are readable and 8-byte aligned, and `len` is a multiple of 8 (granules are
-/// ≥ 256 bytes at 256-byte aligned offsets of page-aligned mappings).
-unsafe fn same_words(a: *const u8, b: Option<*const u8>, len: usize) -> bool {
-    (0..len / 8).all(|i| {
-        // SAFETY: word `i` lies inside both ranges, aligned (see above).
-        unsafe {
-            let x = a.cast::<u64>().add(i).read_volatile();
-            let y = b.map_or(0, |b| b.cast::<u64>().add(i).read_volatile());
-            x == y
-        }
-    })
+/// Both ranges are readable for `len` bytes. The guest may be writing them (the periodic
+/// write-back runs beside the vCPUs): a comparison torn by a store only makes a granule copied
+/// or skipped one round early, and that page is dirty again for the next round; the gather at
+/// commit and the final write-backs run while no vCPU can reach the region.
+unsafe fn same_bytes(a: *const u8, b: Option<*const u8>, len: usize) -> bool {
+    // SAFETY: see the function's contract.
+    let a = unsafe { std::slice::from_raw_parts(a, len) };
+    match b {
+        // SAFETY: as above.
+        Some(b) => a == unsafe { std::slice::from_raw_parts(b, len) },
+        None => a.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()]),
+    }
 }
 
 /// Which way [`InterleaveMap::copy_piece`] copies.
@@ -852,17 +857,17 @@ mod tests {
         let (z, o) = (zeros.as_ptr().cast::<u8>(), other.as_ptr().cast::<u8>());
         // SAFETY: both arrays are 256 readable, 8-byte aligned bytes.
         unsafe {
-            assert!(same_words(z, None, 256));
-            assert!(same_words(z, Some(o), 256));
+            assert!(same_bytes(z, None, 256));
+            assert!(same_bytes(z, Some(o), 256));
         }
         other[31] = 1;
         let o = other.as_ptr().cast::<u8>();
         // SAFETY: as above.
         unsafe {
-            assert!(!same_words(o, None, 256));
-            assert!(!same_words(z, Some(o), 256));
+            assert!(!same_bytes(o, None, 256));
+            assert!(!same_bytes(z, Some(o), 256));
             // Only the first 248 bytes: equal again.
-            assert!(same_words(z, Some(o), 248));
+            assert!(same_bytes(z, Some(o), 248));
         }
     }
 }

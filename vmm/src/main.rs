@@ -787,12 +787,25 @@ fn guest_command_script(command: &[OsString]) -> Vec<u8> {
 
 /// Room the nested host keeps for the shadow copies of sub-page interleaved CXL regions
 /// (`cxl_interleave`): with two or more devices, their whole capacity (untouched unless such a
-/// region is created: the nested host's memory is allocated as it is used).
-fn shadow_room(cxl_devices: &[cxl::CxlType3Spec]) -> u64 {
+/// region is created: the nested host's memory is allocated as it is used), but at most half
+/// this machine's memory less the guest's — QEMU maps the host's memory in one piece, and
+/// Linux's default overcommit heuristic refuses a mapping larger than RAM + swap. A shadow that
+/// does not fit then fails at commit inside, with the allocation error in the VMM's log.
+fn shadow_room(cxl_devices: &[cxl::CxlType3Spec], guest_memory: u64) -> u64 {
     if cxl_devices.len() < 2 {
         return 0;
     }
-    cxl_devices.iter().map(cxl::CxlType3Spec::total).sum()
+    let wanted: u64 = cxl_devices.iter().map(cxl::CxlType3Spec::total).sum();
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib << 10)
+    });
+    match machine {
+        Some(total) => wanted.min((total / 2).saturating_sub(guest_memory)),
+        None => wanted,
+    }
 }
 
 /// The devices whose host-side resources the nested host must provide: CXL backing files
@@ -910,7 +923,7 @@ fn run_nested(
         kernel: host_image.bzimage,
         initramfs: host_image.initramfs,
         cpus: nested_host_cpus(),
-        memory_mib: (memory >> 20) + 1536 + (shadow_room(cxl_devices) >> 20),
+        memory_mib: (memory >> 20) + 1536 + (shadow_room(cxl_devices, memory) >> 20),
         workdir: nested_workdir()?,
         interactive: args.command.is_empty(),
         control_port,
