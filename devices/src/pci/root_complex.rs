@@ -279,7 +279,9 @@ impl PciRootComplex {
     /// of the last root's range move to it, and `mem_size` / `pref_size` bytes (whole MiB) at the
     /// top of the first root bus's 32-bit and 64-bit windows become its windows. Root buses
     /// are added in increasing bus number order, before the previous root hands out bus numbers
-    /// at or above `number`. Returns what it owns, for its host bridge's `_BBN` and `_CRS`.
+    /// at or above `number`. Returns what it owns, for its host bridge's `_BBN` and `_CRS`
+    /// (its `bus_end` holds until a further root bus is added above it, which takes the top of
+    /// its bus range).
     pub fn add_root_bus(
         &mut self,
         number: u8,
