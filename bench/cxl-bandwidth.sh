@@ -19,7 +19,10 @@
 #   ratio ours 2-way 4 KiB region / node 0     a second guest with two 256 MiB devices: the
 #                                              kernel's `cxl create-region -w 2 -g 4096` RAM
 #                                              region (node 1) vs node 0, first touch too;
-#                                              goal >= 0.95; then the same at 256 B (shadow copy)
+#                                              goal >= 0.95; then the same with THP off for our
+#                                              VMM (node 0 on 4 KiB host pages like the region:
+#                                              the interleaved mapping's own cost); then 256 B
+#                                              (shadow copy)
 #   ratio QEMU CXL/RAM (devdax / anon, u64)    QEMU 7.2 pmem-only cxl-type3 as devdax vs its
 #                                              RAM (emulated MMIO: smaller size, time-capped,
 #                                              64-bit loads/stores; or why it could not run)
