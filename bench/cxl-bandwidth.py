@@ -689,8 +689,9 @@ def main():
                     "guest, our VMM and QEMU's cxl-type3.")
     p.add_argument("--size", default="256M", help="bytes per memio pass (default 256M)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per memio run (default 3)")
-    p.add_argument("--repeat", type=int, default=5,
-                   help="interleaved RAM/CXL memio runs per kind (default 5)")
+    p.add_argument("--repeat", type=int, default=9,
+                   help="interleaved RAM/CXL memio runs per kind (default 9: single runs "
+                        "scatter by 10-20 %% inside the nested host)")
     p.add_argument("--qemu-size", default="1M",
                    help="bytes per pass on QEMU's CXL memory (default 1M)")
     p.add_argument("--qemu-rounds", type=int, default=1,

@@ -3,11 +3,11 @@
 # memory vs ordinary RAM in the same guest, in our VMM and in QEMU's cxl-type3 (see
 # bench/cxl-bandwidth.py for exactly what runs).
 #
-# Usage: bench/cxl-bandwidth.sh [--size 256M] [--rounds 3] [--repeat 5] [--qemu-size 1M]
+# Usage: bench/cxl-bandwidth.sh [--size 256M] [--rounds 3] [--repeat 9] [--qemu-size 1M]
 #                               [--qemu-max-secs 10] [--no-qemu] [--help for the rest]
 #   Needs target/debug/vmm (cargo build -p vmm), rustc (memio is built statically once into
 #   target/bench/memio), qemu-system-x86_64. Where /dev/kvm cannot run a stock guest, both VMMs
-#   run inside ONE nested host (bench/boot.sh does the same); about 5 minutes here. Backing
+#   run inside ONE nested host (bench/boot.sh does the same); about 30 minutes here. Backing
 #   files go to a tmpfs (/dev/shm; the nested host's /tmp is the outer one, over 9p).
 #
 # Prints one row per measured memory (write/read MB/s, MB = 10^6 bytes: a run's best round and
