@@ -267,7 +267,8 @@ def measure_interleaved(a, stage, name="vmm-interleaved", granularities=(4096, 2
     status, out, err, secs = run_logged(name, argv, a.timeout + 60,
                                         preexec_fn=None if thp else disable_thp)
     for b in backings:
-        os.unlink(b)
+        if os.path.exists(b):
+            os.unlink(b)
     if status != 0:
         tail = "\n".join(err.splitlines()[-25:])
         die(f"our VMM's interleaved run failed (status {status}); "
