@@ -572,9 +572,10 @@ fn resolve(
 /// A page of zeros to compare granules with.
 static ZEROS: [u8; 4096] = [0; 4096];
 
-/// Whether the `len` bytes at `a` equal those at `b` (`None`: zeros). Compared with `memcmp`
-/// (slice equality), which stays fast in debug builds, where a word loop over a whole region
-/// under the nested TCG host took minutes.
+/// Whether the `len` bytes at `a` equal those at `b` (`None`: zeros). Compared with C's
+/// `memcmp`, which stays fast in debug builds (a word loop over a whole region under the nested
+/// TCG host took minutes) and reads the guest's memory without making Rust references to it:
+/// the guest may be storing to it meanwhile.
 ///
 /// # Safety
 /// Both ranges are readable for `len` bytes. The guest may be writing them (the periodic
@@ -582,13 +583,22 @@ static ZEROS: [u8; 4096] = [0; 4096];
 /// or skipped one round early, and that page is dirty again for the next round; the gather at
 /// commit and the final write-backs run while no vCPU can reach the region.
 unsafe fn same_bytes(a: *const u8, b: Option<*const u8>, len: usize) -> bool {
-    // SAFETY: see the function's contract.
-    let a = unsafe { std::slice::from_raw_parts(a, len) };
-    match b {
-        // SAFETY: as above.
-        Some(b) => a == unsafe { std::slice::from_raw_parts(b, len) },
-        None => a.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()]),
+    let mut done = 0;
+    while done < len {
+        let n = match b {
+            Some(_) => len - done,
+            None => ZEROS.len().min(len - done),
+        };
+        let other = b.map_or(ZEROS.as_ptr(), |b| b.wrapping_add(done));
+        // SAFETY: `a + done` and `other` are readable for `n` bytes: both lie inside the
+        // caller's ranges (the function's contract), or `other` is ZEROS and `n` ≤ its length.
+        let differ = unsafe { libc::memcmp(a.add(done).cast(), other.cast(), n) } != 0;
+        if differ {
+            return false;
+        }
+        done += n;
     }
+    true
 }
 
 /// Which way [`InterleaveMap::copy_piece`] copies.
@@ -851,7 +861,7 @@ mod tests {
     }
 
     #[test]
-    fn word_comparison_sees_zeros_and_differences() {
+    fn granule_comparison_sees_zeros_and_differences() {
         let zeros = [0u64; 32];
         let mut other = [0u64; 32];
         let (z, o) = (zeros.as_ptr().cast::<u8>(), other.as_ptr().cast::<u8>());
@@ -868,6 +878,16 @@ mod tests {
             assert!(!same_bytes(z, Some(o), 256));
             // Only the first 248 bytes: equal again.
             assert!(same_bytes(z, Some(o), 248));
+        }
+        // Longer than the page of zeros it compares with: a difference in the third page.
+        let mut long = vec![0u8; 10_000];
+        // SAFETY: `long` is 10 000 readable bytes.
+        unsafe { assert!(same_bytes(long.as_ptr(), None, long.len())) };
+        long[9_000] = 1;
+        // SAFETY: as above.
+        unsafe {
+            assert!(!same_bytes(long.as_ptr(), None, long.len()));
+            assert!(same_bytes(long.as_ptr(), None, 9_000));
         }
     }
 }
